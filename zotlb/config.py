@@ -1,0 +1,307 @@
+"""lb.yaml: typed, validated once, with errors that name the key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+
+class ConfigError(Exception):
+    """An lb.yaml that cannot be used; `problems` holds one line per fault."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def render(self) -> str:
+        lines = [f"{self.source}: invalid configuration"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `500ms`, `2s`, `1m`, `1h` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '2s'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(
+                f"cannot parse duration {value!r}: use e.g. '500ms', '2s', '1m'"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '2s'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    """`host:port`, `:port` or `[v6]:port` into (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError("expected 'host:port', e.g. '127.0.0.1:5000'")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not 'host:port'")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return (host or "0.0.0.0", port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class BackendConfig(_Section):
+    name: str
+    url: str
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "a backend name is 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r}: the scheme must be http or https")
+        if not url.host:
+            raise ValueError(f"{value!r}: the URL has no host")
+        try:
+            url.port
+        except ValueError:
+            raise ValueError(f"{value!r}: the port is not a number") from None
+        if url.path not in ("", "/") or url.query_string or url.fragment:
+            raise ValueError(f"{value!r}: give only scheme, host and port")
+        if url.user or url.password:
+            raise ValueError(f"{value!r}: credentials do not belong in the URL")
+        return str(url.origin())
+
+    @property
+    def origin(self) -> URL:
+        return URL(self.url)
+
+
+class HealthConfig(_Section):
+    path: str = "/v2/"
+    interval: PositiveDuration = 2.0
+    timeout: PositiveDuration = 1.0
+    rise: int = Field(2, ge=1)
+    fall: int = Field(3, ge=1)
+    expect_status: list[int] = Field(default_factory=lambda: [200, 401], min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("the health path must start with '/'")
+        return value
+
+    @field_validator("expect_status")
+    @classmethod
+    def _check_statuses(cls, value: list[int]) -> list[int]:
+        for code in value:
+            if not 100 <= code <= 599:
+                raise ValueError(f"{code} is not an HTTP status")
+        return value
+
+
+class TimeoutsConfig(_Section):
+    connect: PositiveDuration = 5.0
+    # Inactivity: the longest wait for the next bytes from a backend.
+    read: PositiveDuration = 300.0
+    # SIGTERM: how long in-flight requests get to finish.
+    shutdown_grace: Duration = 30.0
+
+
+class AdminConfig(_Section):
+    listen: str | None = "127.0.0.1:9100"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
+        return value
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class LBConfig(_Section):
+    """The whole of lb.yaml."""
+
+    listen: str = "127.0.0.1:5000"
+    mode: Literal["active-active", "active-passive"] = "active-active"
+    failback: Literal["auto", "manual"] = "auto"
+    backends: list[BackendConfig] = Field(min_length=1)
+    health: HealthConfig = HealthConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    # How many other backends an idempotent read may be retried on.
+    retries: int = Field(2, ge=0, le=16)
+    # What to do with paths outside /v2/: answer 404, or pass them on.
+    non_v2: Literal["reject", "pass"] = "reject"
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> LBConfig:
+        seen_names: dict[str, int] = {}
+        seen_urls: dict[str, int] = {}
+        problems = []
+        for i, backend in enumerate(self.backends):
+            if backend.name in seen_names:
+                problems.append(
+                    f"backends[{i}].name: duplicate name {backend.name!r} "
+                    f"(also backends[{seen_names[backend.name]}])"
+                )
+            seen_names.setdefault(backend.name, i)
+            if backend.url in seen_urls:
+                problems.append(
+                    f"backends[{i}].url: {backend.url} is already "
+                    f"backends[{seen_urls[backend.url]}]"
+                )
+            seen_urls.setdefault(backend.url, i)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    kind = error["type"]
+    msg = error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error" and msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    return msg
+
+
+def problems_from(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        path = _key_path(tuple(error["loc"]))
+        text = _describe(error)
+        # Model-level checks already name their own key paths.
+        if path == "(top level)" and re.match(r"^\w+(\[\d+\])?\.", text):
+            problems.extend(text.split("; "))
+        else:
+            problems.append(f"{path}: {text}")
+    return problems
+
+
+def config_from_mapping(data: Any, source: str = "<config>") -> LBConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of keys"])
+    try:
+        return LBConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, problems_from(exc)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(
+            source, [f"{where}: invalid YAML: {exc.problem or exc.context}"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"invalid YAML: {exc}"]) from None
+
+
+def load_config(path: str | Path) -> LBConfig:
+    """Read and validate lb.yaml; raises ConfigError naming every problem."""
+    return config_from_mapping(read_yaml(path), str(path))
