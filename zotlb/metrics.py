@@ -1,0 +1,107 @@
+"""Prometheus metrics, all under `zotlb_`, labels kept low-cardinality."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+_DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "zotlb_requests_total",
+            "Client requests answered, by backend (or 'none'), method, status class "
+            "and route kind.",
+            ["backend", "method", "status_class", "route"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "zotlb_request_duration_seconds",
+            "Time from request received to response fully sent.",
+            ["method", "route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_bytes = Counter(
+            "zotlb_request_bytes_total",
+            "Request body bytes sent to backends.",
+            ["backend"],
+            registry=r,
+        )
+        self.response_bytes = Counter(
+            "zotlb_response_bytes_total",
+            "Response body bytes sent to clients.",
+            ["backend"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "zotlb_backend_in_flight_requests",
+            "Requests currently being served by each backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.up = Gauge(
+            "zotlb_backend_up",
+            "1 when the backend is up, 0 when down.",
+            ["backend"],
+            registry=r,
+        )
+        self.state_changes = Counter(
+            "zotlb_backend_state_changes_total",
+            "Backend transitions, by the state entered.",
+            ["backend", "state"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "zotlb_health_checks_total",
+            "Active health probes, by result (ok/fail).",
+            ["backend", "result"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "zotlb_health_check_duration_seconds",
+            "Duration of active health probes.",
+            ["backend"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "zotlb_retries_total",
+            "Requests sent again to another backend, by the backend that failed "
+            "and the cause.",
+            ["backend", "cause"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "zotlb_fallback_reads_total",
+            "Reads that missed (404) and were tried on another backend, by "
+            "route and whether another backend had it.",
+            ["route", "result"],
+            registry=r,
+        )
+        self.uploads = Counter(
+            "zotlb_upload_sessions_total",
+            "Blob upload sessions, by event (opened/completed/failed).",
+            ["backend", "event"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "zotlb_failovers_total",
+            "Active-passive switches of the active backend, by kind "
+            "(failover/failback).",
+            ["kind"],
+            registry=r,
+        )

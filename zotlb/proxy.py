@@ -1,0 +1,417 @@
+"""The streaming handler: one client request, relayed to the backends the plan names."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import routing
+from .backends import Backend, Pool
+from .config import LBConfig
+from .errors import (
+    BackendBroken,
+    BackendTimeout,
+    NoHealthyBackend,
+    ProxyError,
+)
+from .logs import get as get_logger
+from .metrics import Metrics
+from .routing import Kind, Route
+
+access_log = get_logger("zotlb.access")
+log = get_logger("zotlb.proxy")
+
+# RFC 9110 section 7.6.1, plus the legacy names still seen in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Dropped toward the backend: aiohttp answers 100-continue itself.
+_REQUEST_DROP = HOP_BY_HOP | {"expect", "host"}
+_RETRY_STATUSES = frozenset({502, 503, 504})
+# A 404 kept for the client while other backends are asked is small JSON.
+_MISS_BODY_LIMIT = 64 * 1024
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Miss:
+    backend: Backend
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int = 0
+    backend: str = "none"
+    retries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+class Proxy:
+    def __init__(
+        self,
+        cfg: LBConfig,
+        pool: Pool,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.metrics = metrics
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=cfg.timeouts.connect,
+            sock_connect=cfg.timeouts.connect,
+            sock_read=cfg.timeouts.read,
+        )
+        self._allow_non_v2 = cfg.non_v2 == "pass"
+        self._chunk = 256 * 1024
+
+    # --- entry point -------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        outcome = _Outcome()
+        route: Route | None = None
+        try:
+            route = routing.parse(request.method, request.raw_path, self._allow_non_v2)
+            return await self._relay(request, route, outcome)
+        except ProxyError as exc:
+            outcome.status = exc.status
+            if exc.status >= 500:
+                log.warning(
+                    "request.failed",
+                    method=request.method,
+                    path=request.path,
+                    status=exc.status,
+                    error=exc.message,
+                )
+            return exc.response()
+        except _ClientGone:
+            outcome.status = 499
+            raise
+        finally:
+            self._account(request, route, outcome, time.monotonic() - started)
+
+    def _account(
+        self, request: web.Request, route: Route | None, out: _Outcome, elapsed: float
+    ) -> None:
+        kind = route.kind.value if route else "invalid"
+        status_class = f"{out.status // 100}xx" if out.status else "error"
+        self.metrics.requests.labels(out.backend, request.method, status_class, kind).inc()
+        self.metrics.duration.labels(request.method, kind).observe(elapsed)
+        access_log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=out.status,
+            route=kind,
+            repo=route.name if route else None,
+            backend=out.backend,
+            retries=out.retries,
+            bytes_in=out.bytes_in,
+            bytes_out=out.bytes_out,
+            duration_ms=round(elapsed * 1000, 2),
+            client=request.remote,
+        )
+
+    # --- relaying ----------------------------------------------------------------
+
+    async def _relay(
+        self, request: web.Request, route: Route, out: _Outcome
+    ) -> web.StreamResponse:
+        plan = routing.plan(route, self.pool)
+        if not plan.backends:
+            raise NoHealthyBackend("no healthy backend is available")
+        headers = self._upstream_headers(request)
+        has_body = request.body_exists
+        first_miss: _Miss | None = None
+        error: ProxyError | None = None
+
+        for index, backend in enumerate(plan.backends):
+            has_next = index + 1 < len(plan.backends)
+            if error is not None:
+                if out.retries >= self.cfg.retries:
+                    break
+                out.retries += 1
+            try:
+                upstream = await self._send(request, backend, route, headers, has_body, out)
+            except aiohttp.ClientConnectorError as exc:
+                # Nothing was sent: any request may go elsewhere.
+                self.pool.mark_down(backend, f"connect failed: {exc.os_error or exc}")
+                self._note_retry(backend, "connect", has_next, route)
+                error = BackendBroken(f"backend {backend.name} refused the connection")
+                continue
+            except TimeoutError:
+                if not has_body:
+                    self.pool.mark_down(backend, "timed out before response headers")
+                error = BackendTimeout(f"backend {backend.name} did not answer in time")
+                if plan.retry_idempotent and not has_body:
+                    self._note_retry(backend, "timeout", has_next, route)
+                    continue
+                raise error from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not has_body:
+                    self.pool.mark_down(backend, f"connection broke: {exc}")
+                error = BackendBroken(f"backend {backend.name} closed the connection")
+                if plan.retry_idempotent and not has_body:
+                    self._note_retry(backend, "reset", has_next, route)
+                    continue
+                raise error from None
+            except aiohttp.ClientPayloadError as exc:
+                # The client's request body broke off: nothing to retry.
+                raise _ClientGone(str(exc)) from None
+
+            if upstream.status in _RETRY_STATUSES and plan.retry_idempotent and has_next:
+                upstream.release()
+                error = BackendBroken(f"backend {backend.name} answered {upstream.status}")
+                self._note_retry(backend, f"status_{upstream.status}", has_next, route)
+                continue
+            if upstream.status == 404 and plan.fallback_on_404 and has_next:
+                miss = await self._read_miss(backend, upstream)
+                first_miss = first_miss or miss
+                continue
+
+            if first_miss is not None:
+                result = "found" if upstream.status < 400 else "missed"
+                self.metrics.fallbacks.labels(route.kind.value, result).inc()
+            return await self._respond(request, route, backend, upstream, out)
+
+        if first_miss is not None:
+            self.metrics.fallbacks.labels(route.kind.value, "missed").inc()
+            return self._respond_miss(request, first_miss, out)
+        raise error or NoHealthyBackend("no healthy backend is available")
+
+    def _note_retry(self, backend: Backend, cause: str, has_next: bool, route: Route) -> None:
+        if has_next:
+            self.metrics.retries.labels(backend.name, cause).inc()
+            log.info(
+                "request.retried",
+                backend=backend.name,
+                cause=cause,
+                method=route.method,
+                path=route.path,
+            )
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        drop = _REQUEST_DROP | _connection_tokens(request.headers)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in request.headers.items():
+            if key.lower() not in drop:
+                headers.add(key, value)
+        host = request.host
+        headers["Host"] = host
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = host
+        return headers
+
+    async def _send(
+        self,
+        request: web.Request,
+        backend: Backend,
+        route: Route,
+        headers: CIMultiDict[str],
+        has_body: bool,
+        out: _Outcome,
+    ) -> aiohttp.ClientResponse:
+        url = URL(backend.origin + route.target, encoded=True)
+        body = self._body(request, out) if has_body else None
+        backend.in_flight += 1
+        self.metrics.in_flight.labels(backend.name).inc()
+        try:
+            return await self.session.request(
+                route.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=self.timeout,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                compress=None,
+            )
+        finally:
+            backend.in_flight -= 1
+            self.metrics.in_flight.labels(backend.name).dec()
+
+    async def _body(self, request: web.Request, out: _Outcome) -> AsyncIterator[bytes]:
+        content = request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return
+            out.bytes_in += len(chunk)
+            yield chunk
+
+    async def _read_miss(self, backend: Backend, upstream: aiohttp.ClientResponse) -> _Miss:
+        try:
+            body = await upstream.content.read(_MISS_BODY_LIMIT)
+        finally:
+            upstream.release()
+        return _Miss(backend, upstream.status, upstream.reason, upstream.headers, body)
+
+    # --- responses ---------------------------------------------------------------
+
+    def _response_headers(
+        self,
+        request: web.Request,
+        route: Route,
+        backend: Backend,
+        status: int,
+        upstream_headers: CIMultiDictProxy[str],
+    ) -> CIMultiDict[str]:
+        drop = HOP_BY_HOP | _connection_tokens(upstream_headers)
+        client_origin = f"{request.scheme}://{request.host}"
+        origins = self.pool.origins()
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in upstream_headers.items():
+            lower = key.lower()
+            if lower in drop:
+                continue
+            if lower == "location":
+                value = self._rewrite_location(value, client_origin, origins)
+                if route.kind is Kind.UPLOAD and status in (202, 204):
+                    sep = "&" if "?" in value else "?"
+                    value = f"{value}{sep}{routing.SESSION_PARAM}={backend.name}"
+            elif lower == "www-authenticate":
+                for origin in origins:
+                    value = value.replace(origin, client_origin)
+            headers.add(key, value)
+        return headers
+
+    @staticmethod
+    def _rewrite_location(value: str, client_origin: str, origins: dict[str, Backend]) -> str:
+        for origin in origins:
+            if value.startswith(origin) and value[len(origin) : len(origin) + 1] in ("/", "?", ""):
+                return client_origin + value[len(origin) :]
+        return value
+
+    async def _respond(
+        self,
+        request: web.Request,
+        route: Route,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        out: _Outcome,
+    ) -> web.StreamResponse:
+        out.status = upstream.status
+        out.backend = backend.name
+        self._count_upload(route, backend, upstream.status)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(
+            self._response_headers(request, route, backend, upstream.status, upstream.headers)
+        )
+        backend.in_flight += 1
+        self.metrics.in_flight.labels(backend.name).inc()
+        try:
+            try:
+                await response.prepare(request)
+            except (ConnectionError, RuntimeError) as exc:
+                upstream.close()
+                raise _ClientGone(str(exc)) from None
+            if request.method != "HEAD":
+                await self._pump(request, backend, upstream, response, out)
+            await response.write_eof()
+        finally:
+            upstream.release()
+            backend.in_flight -= 1
+            self.metrics.in_flight.labels(backend.name).dec()
+            self.metrics.request_bytes.labels(backend.name).inc(out.bytes_in)
+            self.metrics.response_bytes.labels(backend.name).inc(out.bytes_out)
+        return response
+
+    async def _pump(
+        self,
+        request: web.Request,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        out: _Outcome,
+    ) -> None:
+        content = upstream.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                # Headers are gone already: the only honest signal left is a
+                # broken connection, never a response that looks complete.
+                upstream.close()
+                log.warning(
+                    "request.truncated",
+                    backend=backend.name,
+                    path=request.path,
+                    bytes_out=out.bytes_out,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                raise _ClientGone("backend broke off mid-body") from None
+            if not chunk:
+                return
+            try:
+                await response.write(chunk)
+            except (ConnectionError, RuntimeError) as exc:
+                upstream.close()
+                raise _ClientGone(str(exc)) from None
+            out.bytes_out += len(chunk)
+
+    def _respond_miss(self, request: web.Request, miss: _Miss, out: _Outcome) -> web.Response:
+        out.status = miss.status
+        out.backend = miss.backend.name
+        headers = CIMultiDict(
+            (k, v) for k, v in miss.headers.items() if k.lower() not in HOP_BY_HOP
+        )
+        headers.pop("Content-Length", None)
+        return web.Response(status=miss.status, reason=miss.reason, body=miss.body, headers=headers)
+
+    def _count_upload(self, route: Route, backend: Backend, status: int) -> None:
+        if route.kind is not Kind.UPLOAD:
+            return
+        if route.is_upload_open:
+            event = "opened" if status == 202 else ("completed" if status == 201 else "failed")
+            if event == "completed":
+                # A monolithic POST or a mount opens and closes in one request.
+                self.metrics.uploads.labels(backend.name, "opened").inc()
+            self.metrics.uploads.labels(backend.name, event).inc()
+        elif route.method == "PUT":
+            self.metrics.uploads.labels(
+                backend.name, "completed" if status == 201 else "failed"
+            ).inc()
+        elif status >= 400:
+            self.metrics.uploads.labels(backend.name, "failed").inc()
