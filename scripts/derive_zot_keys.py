@@ -19,7 +19,7 @@ _OLDER_RELEASES = [f"v2.0.{n}" for n in range(5)] + [f"v2.1.{n}" for n in range(
 
 def derive(source: dict[str, Any]) -> dict[str, Any]:
     newest = source["zot_tag"]
-    releases = [*_OLDER_RELEASES, newest] if newest not in _OLDER_RELEASES else []
+    releases = [*_OLDER_RELEASES, *([newest] if newest not in _OLDER_RELEASES else [])]
     keys: dict[str, Any] = {}
     for entry in source["keys"]:
         item: dict[str, Any] = {"type": entry["json_type"], "since": entry["since"]}
