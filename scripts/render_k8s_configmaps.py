@@ -25,7 +25,10 @@ def _configmap(name: str, key: str, text: str) -> str:
 
 
 def render(conf: Path) -> str:
-    parts = [HEADER, _configmap("zotlb-config", "lb.yaml", (conf / "lb.yaml").read_text())]
+    parts = [
+        HEADER,
+        _configmap("zotlb-config", "lb.yaml", (conf / "lb.yaml").read_text()),
+    ]
     for path in sorted(conf.glob("zot-*.json")):
         parts.append(_configmap(f"{path.stem}-config", "config.json", path.read_text()))
     return "".join(parts)

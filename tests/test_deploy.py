@@ -30,7 +30,9 @@ def lb_config() -> Any:
 
 
 def zot_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in doc["services"].items() if ZOT_IMAGE.match(s.get("image", ""))}
+    return {
+        n: s for n, s in doc["services"].items() if ZOT_IMAGE.match(s.get("image", ""))
+    }
 
 
 def host_mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -67,7 +69,10 @@ def test_compose_has_two_zots_and_zotlb_on_5000() -> None:
         tag = ZOT_IMAGE.match(service["image"]).group(2)
         assert tag == cfg.zot.version
         assert tag in zotkeys.releases()
-        assert host_mounts(service)["/etc/zot/config.json"] == f"./conf/compose/{name}.json"
+        assert (
+            host_mounts(service)["/etc/zot/config.json"]
+            == f"./conf/compose/{name}.json"
+        )
 
     zotlb = doc["services"]["zotlb"]
     assert "5000:5000" in zotlb["ports"]
@@ -110,16 +115,19 @@ def test_compose_backend_urls_match_services_and_ports() -> None:
 def test_dockerfile_runs_zotlb_as_non_root() -> None:
     text = (REPO / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines()]
-    final_stage = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM")):]
+    final_stage = lines[
+        max(i for i, line in enumerate(lines) if line.startswith("FROM")) :
+    ]
     users = [line.split()[1] for line in final_stage if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert 'CMD ["serve", "-c", "/etc/zotlb/lb.yaml"]' in lines
     assert 'ENTRYPOINT ["zotlb"]' in lines
-    assert all("slim" in line or "alpine" in line
-               for line in lines if line.startswith("FROM"))
+    assert all(
+        "slim" in line or "alpine" in line for line in lines if line.startswith("FROM")
+    )
 
 
-# --- Kubernetes ------------------------------------------------------------------------
+# --- Kubernetes -----------------------------------------------------------------------
 
 
 def k8s_docs() -> list[dict[str, Any]]:
@@ -165,14 +173,17 @@ def test_two_zotlb_replicas_in_front_of_the_zots() -> None:
         pod_labels = deployments[backend.name]["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pod_labels.items()
         image = deployments[backend.name]["spec"]["template"]["spec"]["containers"][0][
-            "image"]
+            "image"
+        ]
         assert ZOT_IMAGE.match(image).group(2) == cfg.zot.version
 
 
 def test_kubernetes_configmaps_hold_the_generated_files() -> None:
     configmaps = by_kind("ConfigMap")
-    assert configmaps["zotlb-config"]["data"]["lb.yaml"] == (
-        COMPOSE_CONF / "lb.yaml").read_text()
+    assert (
+        configmaps["zotlb-config"]["data"]["lb.yaml"]
+        == (COMPOSE_CONF / "lb.yaml").read_text()
+    )
     files = generate(lb_config())
     for backend in lb_config().backends:
         data = configmaps[f"{backend.name}-config"]["data"]
@@ -184,7 +195,8 @@ def test_kubernetes_references_resolve() -> None:
     for deployment in by_kind("Deployment").values():
         spec = deployment["spec"]
         assert spec["selector"]["matchLabels"].items() <= (
-            spec["template"]["metadata"]["labels"].items())
+            spec["template"]["metadata"]["labels"].items()
+        )
         for volume in spec["template"]["spec"]["volumes"]:
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in configmaps

@@ -31,7 +31,8 @@ def lb(mode: str = "active-active", count: int = 2, **zot: Any) -> dict[str, Any
     return {
         "mode": mode,
         "backends": [
-            {"name": n, "url": f"http://127.0.0.1:{5001 + i}"} for i, n in enumerate(names)
+            {"name": n, "url": f"http://127.0.0.1:{5001 + i}"}
+            for i, n in enumerate(names)
         ],
         "zot": zot,
     }
@@ -46,7 +47,9 @@ def generated(data: dict[str, Any]) -> dict[str, Any]:
     return {name: json.loads(text) for name, text in files.items()}
 
 
-def key_paths(value: Any, schema: str = "", shown: str = "") -> list[tuple[str, str, Any]]:
+def key_paths(
+    value: Any, schema: str = "", shown: str = ""
+) -> list[tuple[str, str, Any]]:
     """(schema path, shown path, value) for every key, using zot's spelling."""
     out = []
     if isinstance(value, dict):
@@ -64,8 +67,9 @@ _JSON_TYPES = {
     "string": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "duration-string": lambda v: isinstance(v, str)
-    and zotkeys.parse_go_duration(v) is not None,
+    "duration-string": lambda v: (
+        isinstance(v, str) and zotkeys.parse_go_duration(v) is not None
+    ),
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
 }
@@ -84,7 +88,9 @@ def assert_accepted(doc: dict[str, Any], version: str, table: dict[str, Any]) ->
         assert _JSON_TYPES[kind](value), f"{shown}: {value!r} is not {kind}"
 
 
-def expected_sources(mode: str, names: list[str], reverse: bool = True) -> dict[str, list[str]]:
+def expected_sources(
+    mode: str, names: list[str], reverse: bool = True
+) -> dict[str, list[str]]:
     if mode == "active-active":
         return {n: [p for p in names if p != n] for n in names}
     primary = names[0]
@@ -135,7 +141,9 @@ def test_active_passive_without_reverse_sync_says_so() -> None:
 def test_three_backends_active_passive_window_counts_hops() -> None:
     cfg = build(lb("active-passive", 3))
     text = summary(cfg, plan(cfg), [])
-    assert "an image pushed to b reaches c (through 1 other backend) within 1 min" in text
+    assert (
+        "an image pushed to b reaches c (through 1 other backend) within 1 min" in text
+    )
 
 
 def test_output_is_deterministic_sorted_and_newline_terminated() -> None:
@@ -163,8 +171,10 @@ def test_version_decides_timeouts_and_dist_spec() -> None:
 
 
 def test_explicit_timeouts_and_retries() -> None:
-    data = lb(http_timeouts={"read": "90m", "write": 0}, sync={"max_retries": 5,
-                                                               "retry_delay": "1m"})
+    data = lb(
+        http_timeouts={"read": "90m", "write": 0},
+        sync={"max_retries": 5, "retry_delay": "1m"},
+    )
     doc = generated(data)["a.json"]
     assert doc["http"]["readTimeout"] == "1h30m"
     assert doc["http"]["writeTimeout"] == "0s"
@@ -180,8 +190,13 @@ def test_sync_options_reach_every_registry() -> None:
     data = lb(
         count=3,
         log_level="warn",
-        sync={"poll_interval": "5m", "on_demand": False, "tls_verify": False,
-              "cert_dir": "/etc/zot/certs", "prefixes": ["team/**", "base/*"]},
+        sync={
+            "poll_interval": "5m",
+            "on_demand": False,
+            "tls_verify": False,
+            "cert_dir": "/etc/zot/certs",
+            "prefixes": ["team/**", "base/*"],
+        },
         metrics={"enable": True, "path": "/zot-metrics"},
     )
     for doc in generated(data).values():
@@ -213,7 +228,9 @@ def test_credentials_file_and_htpasswd(tmp_path: Path, capsys: Any) -> None:
     assert stat.S_IMODE(creds_path.stat().st_mode) == 0o600
     doc = json.loads((out / "a.json").read_text())
     assert doc["http"]["auth"]["htpasswd"]["path"] == "/etc/zot/htpasswd"
-    assert doc["extensions"]["sync"]["credentialsFile"] == "/etc/zot/sync-credentials.json"
+    assert (
+        doc["extensions"]["sync"]["credentialsFile"] == "/etc/zot/sync-credentials.json"
+    )
     printed = capsys.readouterr().out
     assert "a syncs from b, c" in printed
     assert "pw" not in printed
@@ -225,14 +242,21 @@ def test_dns_and_localhost_urls_give_listen_addresses() -> None:
             {"name": "a", "url": "http://zot-a.example:5000"},
             {"name": "b", "url": "http://localhost:5002"},
         ],
-        "zot": {"backends": {"b": {"listen": "10.0.0.2:6000",
-                                   "peer_url": "http://10.0.0.2:6000"}}},
+        "zot": {
+            "backends": {
+                "b": {"listen": "10.0.0.2:6000", "peer_url": "http://10.0.0.2:6000"}
+            }
+        },
     }
     docs = generated(data)
     assert (docs["a.json"]["http"]["address"], docs["a.json"]["http"]["port"]) == (
-        "0.0.0.0", "5000")
+        "0.0.0.0",
+        "5000",
+    )
     assert (docs["b.json"]["http"]["address"], docs["b.json"]["http"]["port"]) == (
-        "10.0.0.2", "6000")
+        "10.0.0.2",
+        "6000",
+    )
     urls = docs["a.json"]["extensions"]["sync"]["registries"][0]["urls"]
     assert urls == ["http://10.0.0.2:6000"]
 
@@ -243,24 +267,36 @@ def test_same_root_on_different_hosts_is_fine() -> None:
             {"name": "a", "url": "http://10.0.0.1:5000"},
             {"name": "b", "url": "http://10.0.0.2:5000"},
         ],
-        "zot": {"backends": {"a": {"root_directory": "/srv/zot"},
-                             "b": {"root_directory": "/srv/zot"}}},
+        "zot": {
+            "backends": {
+                "a": {"root_directory": "/srv/zot"},
+                "b": {"root_directory": "/srv/zot"},
+            }
+        },
     }
     docs = generated(data)
     assert docs["b.json"]["storage"]["rootDirectory"] == "/srv/zot"
 
 
-# --- bad input: exit 2, the key path, no traceback -----------------------------------
+# --- bad input: exit 2, the key path, no traceback ------------------------------------
 
 BAD_INPUTS = [
     (
-        {"backends": [{"name": "a", "url": "http://127.0.0.1:5001"},
-                      {"name": "b", "url": "http://127.0.0.1:0"}]},
+        {
+            "backends": [
+                {"name": "a", "url": "http://127.0.0.1:5001"},
+                {"name": "b", "url": "http://127.0.0.1:0"},
+            ]
+        },
         "backends[1].url: port 0",
     ),
     (
-        {"backends": [{"name": "a", "url": "http://127.0.0.1:5001"},
-                      {"name": "b", "url": "http://239.1.1.1:5000"}]},
+        {
+            "backends": [
+                {"name": "a", "url": "http://127.0.0.1:5001"},
+                {"name": "b", "url": "http://239.1.1.1:5000"},
+            ]
+        },
         "backends[1].url: zot cannot listen on 239.1.1.1",
     ),
     (
@@ -272,22 +308,35 @@ BAD_INPUTS = [
         "zot.sync.poll_interval: 0 with on_demand false",
     ),
     (
-        lb(backends={"a": {"root_directory": "/data"}, "b": {"root_directory": "/data"}}),
+        lb(
+            backends={
+                "a": {"root_directory": "/data"},
+                "b": {"root_directory": "/data"},
+            }
+        ),
         "zot.backends.b.root_directory: /data overlaps /data",
     ),
     (
-        lb(backends={"a": {"root_directory": "/data"},
-                     "b": {"root_directory": "/data/b"}}),
+        lb(
+            backends={
+                "a": {"root_directory": "/data"},
+                "b": {"root_directory": "/data/b"},
+            }
+        ),
         "zot.backends.b.root_directory: /data/b overlaps /data",
     ),
     (lb(backends={"z": {}}), "zot.backends.z: no backend named 'z'"),
-    (lb(version="v2.1.16", http_timeouts={"read": "2h"}),
-     "zot.http_timeouts.read: zot v2.1.16 has no http.readTimeout"),
+    (
+        lb(version="v2.1.16", http_timeouts={"read": "2h"}),
+        "zot.http_timeouts.read: zot v2.1.16 has no http.readTimeout",
+    ),
     (lb(version="v9.9.9"), "zot.version: 'v9.9.9' is not a zot release"),
     (lb(htpasswd="/etc/zot/htpasswd"), "zot.sync.credentials: required"),
     (lb(sync={"max_retries": 2, "retry_delay": 0}), "zot.sync.retry_delay: must be"),
-    (lb(backends={"a": {"root_directory": "relative"}}),
-     "zot.backends.a.root_directory: 'relative': give an absolute path"),
+    (
+        lb(backends={"a": {"root_directory": "relative"}}),
+        "zot.backends.a.root_directory: 'relative': give an absolute path",
+    ),
     (lb(extra_key=1), "zot.extra_key: unknown key"),
 ]
 
@@ -309,9 +358,20 @@ def test_bad_input_through_the_real_command_has_no_traceback(tmp_path: Path) -> 
     lb_yaml = tmp_path / "lb.yaml"
     lb_yaml.write_text(json.dumps(lb(sync={"poll_interval": "0s", "on_demand": False})))
     proc = subprocess.run(
-        [sys.executable, "-m", "zotlb", "zot-config", "-c", str(lb_yaml), "-o",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "zotlb",
+            "zot-config",
+            "-c",
+            str(lb_yaml),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 2
@@ -319,7 +379,7 @@ def test_bad_input_through_the_real_command_has_no_traceback(tmp_path: Path) -> 
     assert "Traceback" not in proc.stderr
 
 
-# --- --check ---------------------------------------------------------------------------
+# --- --check --------------------------------------------------------------------------
 
 
 def write_json(path: Path, doc: Any) -> str:
@@ -328,39 +388,89 @@ def write_json(path: Path, doc: Any) -> str:
 
 
 def test_check_accepts_generated_files(tmp_path: Path, capsys: Any) -> None:
-    paths = [write_json(tmp_path / name, doc)
-             for name, doc in generated(lb(count=3)).items()]
+    paths = [
+        write_json(tmp_path / name, doc) for name, doc in generated(lb(count=3)).items()
+    ]
     assert main(["zot-config", "--check", *paths]) == 0
     out = capsys.readouterr().out
     assert out.count("ok for zot v2.1.20") == 3
 
 
-BASE = {"storage": {"rootDirectory": "/r"}, "http": {"port": "5000",
-        "readTimeout": "1h", "writeTimeout": "1h"}}
+BASE = {
+    "storage": {"rootDirectory": "/r"},
+    "http": {"port": "5000", "readTimeout": "1h", "writeTimeout": "1h"},
+}
 
 
 @pytest.mark.parametrize(
     ("doc", "version", "message"),
     [
-        ({**BASE, "extensions": {"sync": {"registries": [
-            {"urls": ["http://x:1"], "onDemand": True, "reqPerSec": 10}]}}},
-         "v2.1.20", "extensions.sync.registries[0].reqPerSec: error: exists only on "
-         "zot's main branch"),
-        ({**BASE, "http": {"port": "5000", "readTimeout": "1h"}}, "v2.1.16",
-         "http.readTimeout: error: added in zot v2.1.17"),
-        ({**BASE, "extensions": {"sync": {"registries": [
-            {"urls": ["http://x:1"], "onDemand": True, "maxRetries": 3}]}}},
-         "v2.1.20", "extensions.sync.registries[0].retryDelay: error: required"),
-        ({**BASE, "extensions": {"sync": {"registries": [
-            {"urls": ["http://x:1"], "pollInterval": "1d"}]}}},
-         "v2.1.20", "pollInterval: error: '1d' is not a Go duration"),
-        ({**BASE, "storage": {"rootDirectory": "/r", "sizeLimit": 3}}, "v2.1.20",
-         "storage.sizeLimit: error: unknown key"),
-        ({"http": {"port": "70000"}}, "v2.1.20", "storage.rootDirectory: error: missing"),
-        ({**BASE, "log": {"level": "trace"}}, "v2.1.10",
-         "log.level: error: 'trace' is not a level zot v2.1.10 knows"),
-        ({**BASE, "extensions": {"metrics": {"prometheus": {"path": "/v2"}}}},
-         "v2.1.18", "extensions.metrics.prometheus.path: error"),
+        (
+            {
+                **BASE,
+                "extensions": {
+                    "sync": {
+                        "registries": [
+                            {"urls": ["http://x:1"], "onDemand": True, "reqPerSec": 10}
+                        ]
+                    }
+                },
+            },
+            "v2.1.20",
+            "extensions.sync.registries[0].reqPerSec: error: exists only on "
+            "zot's main branch",
+        ),
+        (
+            {**BASE, "http": {"port": "5000", "readTimeout": "1h"}},
+            "v2.1.16",
+            "http.readTimeout: error: added in zot v2.1.17",
+        ),
+        (
+            {
+                **BASE,
+                "extensions": {
+                    "sync": {
+                        "registries": [
+                            {"urls": ["http://x:1"], "onDemand": True, "maxRetries": 3}
+                        ]
+                    }
+                },
+            },
+            "v2.1.20",
+            "extensions.sync.registries[0].retryDelay: error: required",
+        ),
+        (
+            {
+                **BASE,
+                "extensions": {
+                    "sync": {
+                        "registries": [{"urls": ["http://x:1"], "pollInterval": "1d"}]
+                    }
+                },
+            },
+            "v2.1.20",
+            "pollInterval: error: '1d' is not a Go duration",
+        ),
+        (
+            {**BASE, "storage": {"rootDirectory": "/r", "sizeLimit": 3}},
+            "v2.1.20",
+            "storage.sizeLimit: error: unknown key",
+        ),
+        (
+            {"http": {"port": "70000"}},
+            "v2.1.20",
+            "storage.rootDirectory: error: missing",
+        ),
+        (
+            {**BASE, "log": {"level": "trace"}},
+            "v2.1.10",
+            "log.level: error: 'trace' is not a level zot v2.1.10 knows",
+        ),
+        (
+            {**BASE, "extensions": {"metrics": {"prometheus": {"path": "/v2"}}}},
+            "v2.1.18",
+            "extensions.metrics.prometheus.path: error",
+        ),
     ],
 )
 def test_check_explains_each_problem(
@@ -371,7 +481,9 @@ def test_check_explains_each_problem(
     assert message in capsys.readouterr().out
 
 
-def test_check_weak_typing_is_a_warning_not_a_failure(tmp_path: Path, capsys: Any) -> None:
+def test_check_weak_typing_is_a_warning_not_a_failure(
+    tmp_path: Path, capsys: Any
+) -> None:
     doc = {**BASE, "http": {**BASE["http"], "port": 5000}}
     assert main(["zot-config", "--check", write_json(tmp_path / "z.json", doc)]) == 0
     assert "http.port: warning: expected a string" in capsys.readouterr().out
@@ -379,20 +491,33 @@ def test_check_weak_typing_is_a_warning_not_a_failure(tmp_path: Path, capsys: An
 
 def test_check_unreadable_file_fails(tmp_path: Path, capsys: Any) -> None:
     (tmp_path / "broken.json").write_text("{")
-    code = main(["zot-config", "--check", str(tmp_path / "broken.json"),
-                 str(tmp_path / "missing.json")])
+    code = main(
+        [
+            "zot-config",
+            "--check",
+            str(tmp_path / "broken.json"),
+            str(tmp_path / "missing.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 2
     assert "broken.json: cannot parse" in out
     assert "missing.json: file not found" in out
 
 
-# --- small pieces -------------------------------------------------------------------------
+# --- small pieces ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(30, "30s"), (5400, "1h30m"), (0.25, "250ms"), (0, "0s"),
-                          (86400, "24h"), (61, "1m1s")]
+    ("seconds", "text"),
+    [
+        (30, "30s"),
+        (5400, "1h30m"),
+        (0.25, "250ms"),
+        (0, "0s"),
+        (86400, "24h"),
+        (61, "1m1s"),
+    ],
 )
 def test_go_durations_round_trip(seconds: float, text: str) -> None:
     assert zotkeys.go_duration(seconds) == text
@@ -401,10 +526,14 @@ def test_go_durations_round_trip(seconds: float, text: str) -> None:
 
 def test_words() -> None:
     assert [words(30), words(90), words(3600), words(0.5)] == [
-        "30 s", "1 min 30 s", "1 h", "500 ms"]
+        "30 s",
+        "1 min 30 s",
+        "1 h",
+        "500 ms",
+    ]
 
 
-# --- against the reference data in ../shared, when present --------------------------------
+# --- against the reference data in ../shared, when present ----------------------------
 
 
 @pytest.fixture
@@ -431,8 +560,13 @@ def test_generated_keys_match_the_reference(shared: Path, mode: str) -> None:
     source = json.loads((shared / "zot-config" / "zot-config-keys.json").read_text())
     table = {k["path"]: k for k in source["keys"]}
     unreleased = {k["path"] for k in source["unreleased_on_main"]}
-    data = lb(mode, 3, metrics={"enable": True}, htpasswd="/h",
-              sync={"credentials": {"username": "u", "password": "p"}})
+    data = lb(
+        mode,
+        3,
+        metrics={"enable": True},
+        htpasswd="/h",
+        sync={"credentials": {"username": "u", "password": "p"}},
+    )
     for name, doc in generated(data).items():
         if name == "sync-credentials.json":
             continue
@@ -445,8 +579,12 @@ def test_generated_configs_have_the_shape_of_zot_examples(shared: Path) -> None:
     sync_example = json.loads((examples / "config-sync.json").read_text())
     metrics_example = json.loads((examples / "config-metrics.json").read_text())
     creds_example = json.loads((examples / "sync-auth-filepath.json").read_text())
-    docs = generated(lb(metrics={"enable": True},
-                        sync={"credentials": {"username": "u", "password": "p"}}))
+    docs = generated(
+        lb(
+            metrics={"enable": True},
+            sync={"credentials": {"username": "u", "password": "p"}},
+        )
+    )
     doc = docs["a.json"]
 
     # Same sections, and the same JSON type for each value both files have.
@@ -459,8 +597,12 @@ def test_generated_configs_have_the_shape_of_zot_examples(shared: Path) -> None:
         assert type(value) is type(example_paths[path]), path
 
     # The credentials file: host:port keys, each with username and password only.
-    for entry in [*creds_example.values(), *json.loads(
-            generate(build(lb(sync={"credentials": {"username": "u",
-                                                    "password": "p"}})))
-            ["sync-credentials.json"]).values()]:
+    for entry in [
+        *creds_example.values(),
+        *json.loads(
+            generate(
+                build(lb(sync={"credentials": {"username": "u", "password": "p"}}))
+            )["sync-credentials.json"]
+        ).values(),
+    ]:
         assert set(entry) == {"username", "password"}

@@ -45,7 +45,7 @@ class Member:
     sources: tuple[str, ...]
 
 
-# --- planning: lb.yaml -> members, with errors that name the key path ----------
+# --- planning: lb.yaml -> members, with errors that name the key path -----------------
 
 
 def _listen_from_url(url: URL, index: int, problems: list[str]) -> tuple[str, int]:
@@ -102,7 +102,9 @@ def plan(cfg: LBConfig, source: str = "lb.yaml") -> list[Member]:
     names = {b.name for b in cfg.backends}
     for name in zot.backends:
         if name not in names:
-            problems.append(f"zot.backends.{name}: no backend named {name!r} in backends")
+            problems.append(
+                f"zot.backends.{name}: no backend named {name!r} in backends"
+            )
 
     sources = _sources(cfg)
     members: list[Member] = []
@@ -129,7 +131,10 @@ def plan(cfg: LBConfig, source: str = "lb.yaml") -> list[Member]:
                 )
         else:
             address, port = _listen_from_url(url, i, problems)
-        if backend.name == CREDENTIALS_FILE.removesuffix(".json") and zot.sync.credentials:
+        if (
+            backend.name == CREDENTIALS_FILE.removesuffix(".json")
+            and zot.sync.credentials
+        ):
             problems.append(
                 f"backends[{i}].name: {backend.name!r} clashes with the sync "
                 "credentials file; rename the backend"
@@ -176,7 +181,7 @@ def plan(cfg: LBConfig, source: str = "lb.yaml") -> list[Member]:
     return members
 
 
-# --- rendering --------------------------------------------------------------------
+# --- rendering ------------------------------------------------------------------------
 
 
 def _registry(cfg: LBConfig, peer: Member) -> dict[str, Any]:
@@ -198,7 +203,9 @@ def _registry(cfg: LBConfig, peer: Member) -> dict[str, Any]:
     return reg
 
 
-def render_member(cfg: LBConfig, member: Member, members: list[Member]) -> dict[str, Any]:
+def render_member(
+    cfg: LBConfig, member: Member, members: list[Member]
+) -> dict[str, Any]:
     zot = cfg.zot
     by_name = {m.name: m for m in members}
     http: dict[str, Any] = {"address": member.address, "port": str(member.port)}
@@ -248,7 +255,10 @@ def _dump(doc: Any) -> str:
 def _credentials(cfg: LBConfig, members: list[Member]) -> dict[str, Any]:
     creds = cfg.zot.sync.credentials
     assert creds is not None
-    account = {"username": creds.username, "password": creds.password.get_secret_value()}
+    account = {
+        "username": creds.username,
+        "password": creds.password.get_secret_value(),
+    }
     # zot looks entries up by the upstream's host[:port].
     return {urlsplit(m.peer_url).netloc: account for m in members}
 
@@ -260,17 +270,21 @@ def generate(cfg: LBConfig, source: str = "lb.yaml") -> dict[str, str]:
     for member in members:
         doc = render_member(cfg, member, members)
         errors = [
-            f for f in zotkeys.check_config(doc, cfg.zot.version) if f.severity == "error"
+            f
+            for f in zotkeys.check_config(doc, cfg.zot.version)
+            if f.severity == "error"
         ]
         if errors:
-            raise RuntimeError(f"generated an invalid config for {member.name}: {errors}")
+            raise RuntimeError(
+                f"generated an invalid config for {member.name}: {errors}"
+            )
         files[f"{member.name}.json"] = _dump(doc)
     if cfg.zot.sync.credentials and any(m.sources for m in members):
         files[CREDENTIALS_FILE] = _dump(_credentials(cfg, members))
     return dict(sorted(files.items()))
 
 
-# --- the summary --------------------------------------------------------------------
+# --- the summary ----------------------------------------------------------------------
 
 
 def words(seconds: float) -> str:
@@ -322,16 +336,17 @@ def window_lines(cfg: LBConfig, members: list[Member]) -> list[str]:
                 ways.append(f"within {words(n * sync.poll_interval)}")
             if sync.on_demand:
                 ways.append(f"on {b.name}'s first pull of it")
-            lines.append(f"an image pushed to {a.name} reaches {b.name}{via} "
-                         + ", or ".join(ways))
+            lines.append(
+                f"an image pushed to {a.name} reaches {b.name}{via} "
+                + ", or ".join(ways)
+            )
     return lines
 
 
 def summary(cfg: LBConfig, members: list[Member], written: list[str]) -> str:
     zot, sync = cfg.zot, cfg.zot.sync
     count = f"{len(members)} backend{'s' * (len(members) != 1)}"
-    out = [f"zot {zot.version}, {cfg.mode}, {count}: "
-           + ", ".join(written)]
+    out = [f"zot {zot.version}, {cfg.mode}, {count}: " + ", ".join(written)]
     how = []
     if sync.poll_interval > 0:
         how.append(f"every {words(sync.poll_interval)}")
@@ -339,7 +354,9 @@ def summary(cfg: LBConfig, members: list[Member], written: list[str]) -> str:
         how.append("on demand")
     for m in members:
         if m.sources:
-            out.append(f"  {m.name} syncs from {', '.join(m.sources)} ({' and '.join(how)})")
+            out.append(
+                f"  {m.name} syncs from {', '.join(m.sources)} ({' and '.join(how)})"
+            )
         else:
             out.append(f"  {m.name} syncs from no other backend")
     if cfg.mode == "active-passive" and len(members) > 1:

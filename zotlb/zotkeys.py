@@ -100,7 +100,9 @@ def _children() -> dict[str, dict[str, str]]:
 
 @cache
 def _unreleased() -> dict[str, dict[str, str]]:
-    return {p.lower(): {"path": p, **v} for p, v in _data()["unreleased_on_main"].items()}
+    return {
+        p.lower(): {"path": p, **v} for p, v in _data()["unreleased_on_main"].items()
+    }
 
 
 def accepts(path: str, version: str) -> bool:
@@ -131,8 +133,16 @@ def log_levels(version: str) -> frozenset[str]:
 # Go's time.ParseDuration: one or more number+unit pairs, or a bare "0".
 _GO_DURATION = re.compile(r"^[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$")
 _GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-            "m": 60.0, "h": 3600.0}
+_GO_UNIT = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 def parse_go_duration(text: str) -> float | None:
@@ -157,7 +167,7 @@ def go_duration(seconds: float) -> str:
     return "".join(f"{n}{unit}" for n, unit in parts if n)
 
 
-# --- checking a config file ----------------------------------------------------
+# --- checking a config file -----------------------------------------------------------
 
 
 class _Checker:
@@ -200,7 +210,9 @@ class _Checker:
                 f"release; zot {self.version} refuses to start on it",
             )
         else:
-            self.add(where, "unknown key; zot refuses to start on a key it does not know")
+            self.add(
+                where, "unknown key; zot refuses to start on a key it does not know"
+            )
 
     def walk_value(self, value: Any, info: KeyInfo, where: str) -> None:
         if info.type == "object":
@@ -270,14 +282,14 @@ class _Checker:
             if parse_go_duration(value) is None:
                 self.add(
                     where,
-                    f"{value!r} is not a Go duration; use e.g. \"30s\", \"5m\", "
+                    f'{value!r} is not a Go duration; use e.g. "30s", "5m", '
                     "\"1h30m\" (there is no 'd' unit)",
                 )
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             self.add(
                 where,
                 f"a bare number is taken as nanoseconds ({value} ns); "
-                "write a duration string like \"30s\"",
+                'write a duration string like "30s"',
                 "warning",
             )
         else:
@@ -303,7 +315,9 @@ def _get(data: Any, *path: str) -> Any:
     for name in path:
         if not isinstance(data, dict):
             return None
-        data = next((v for k, v in data.items() if str(k).lower() == name.lower()), None)
+        data = next(
+            (v for k, v in data.items() if str(k).lower() == name.lower()), None
+        )
     return data
 
 
@@ -325,7 +339,9 @@ def _check_rules(data: dict[str, Any], version: str, out: _Checker) -> None:
     level = _get(data, "log", "level")
     if isinstance(level, str) and level.lower() not in log_levels(version):
         allowed = ", ".join(sorted(log_levels(version)))
-        out.add("log.level", f"{level!r} is not a level zot {version} knows ({allowed})")
+        out.add(
+            "log.level", f"{level!r} is not a level zot {version} knows ({allowed})"
+        )
 
     if is_at_least(version, "v2.1.17"):
         http = _get(data, "http") or {}
@@ -334,7 +350,7 @@ def _check_rules(data: dict[str, Any], version: str, out: _Checker) -> None:
                 out.add(
                     f"http.{key}",
                     "absent, so zot uses 60s: a multi-GB blob upload or download "
-                    "that takes longer fails; set e.g. \"1h\"",
+                    'that takes longer fails; set e.g. "1h"',
                     "warning",
                 )
 
@@ -355,7 +371,9 @@ def _check_rules(data: dict[str, Any], version: str, out: _Checker) -> None:
                 _check_registry(reg, f"extensions.sync.registries[{i}]", compat, out)
 
 
-def _check_registry(reg: dict[str, Any], where: str, compat: Any, out: _Checker) -> None:
+def _check_registry(
+    reg: dict[str, Any], where: str, compat: Any, out: _Checker
+) -> None:
     urls = _get(reg, "urls")
     if not urls:
         out.add(f"{where}.urls", "no URL to sync from; sync fails to start")
