@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -204,6 +205,7 @@ class LBConfig(_Section):
     non_v2: Literal["reject", "pass"] = "reject"
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    zot: ZotSection = Field(default_factory=lambda: ZotSection())
 
     @field_validator("listen")
     @classmethod
@@ -305,3 +307,136 @@ def read_yaml(path: str | Path) -> Any:
 def load_config(path: str | Path) -> LBConfig:
     """Read and validate lb.yaml; raises ConfigError naming every problem."""
     return config_from_mapping(read_yaml(path), str(path))
+
+
+# --- zot: what `zotlb zot-config` needs to write each backend's zot config ------
+
+
+def _zot_version(value: str) -> str:
+    from .zotkeys import normalize_version
+
+    return normalize_version(value)
+
+
+def _newest_zot() -> str:
+    from .zotkeys import newest_release
+
+    return newest_release()
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r}: give an absolute path")
+    return value
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+
+
+class ZotSyncCredentials(_Section):
+    # The account each zot uses to log in to its peers (zot's credentialsFile).
+    username: str = Field(min_length=1)
+    password: SecretStr = Field(min_length=1)
+
+
+class ZotSyncConfig(_Section):
+    on_demand: bool = True
+    # Declared after on_demand so its validator can see it.
+    poll_interval: Duration = 30.0
+    tls_verify: bool = True
+    cert_dir: AbsolutePath | None = None
+    max_retries: int | None = Field(3, ge=1)
+    retry_delay: Duration = 10.0
+    prefixes: list[str] = Field(default_factory=lambda: ["**"], min_length=1)
+    credentials: ZotSyncCredentials | None = None
+    # Where zot finds the credentials file on its own host.
+    credentials_path: AbsolutePath = "/etc/zot/sync-credentials.json"
+    # active-passive: the primary also syncs from its standbys.
+    reverse: bool = True
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _check_poll(cls, value: float, info: Any) -> float:
+        if value == 0 and not info.data.get("on_demand", True):
+            raise ValueError(
+                "0 with on_demand false: the backends would never copy "
+                "each other's images"
+            )
+        return value
+
+    @field_validator("retry_delay")
+    @classmethod
+    def _check_retry_delay(cls, value: float, info: Any) -> float:
+        if value == 0 and info.data.get("max_retries"):
+            raise ValueError("must be greater than zero when max_retries is set")
+        return value
+
+    @field_validator("prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.strip():
+                raise ValueError("an empty prefix matches nothing")
+        return value
+
+
+class ZotBackend(_Section):
+    root_directory: AbsolutePath | None = None
+    # host:port zot listens on; default from the backend URL.
+    listen: str | None = None
+    # How the other zots reach this one, when not by the URL zotlb uses.
+    peer_url: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
+        return value
+
+    @field_validator("peer_url")
+    @classmethod
+    def _check_peer_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = BackendConfig._check_url(value)
+        return value
+
+
+class ZotTLS(_Section):
+    cert: AbsolutePath
+    key: AbsolutePath
+
+
+class ZotHTTPTimeouts(_Section):
+    # None: 1h where the target zot has these keys (v2.1.17+), else omitted.
+    read: Duration | None = None
+    write: Duration | None = None
+
+
+class ZotMetrics(_Section):
+    enable: bool = False
+    path: str = "/metrics"
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") in ("", "/v2"):
+            raise ValueError("must start with '/' and be neither '/' nor '/v2'")
+        return value
+
+
+class ZotSection(_Section):
+    version: Annotated[str, AfterValidator(_zot_version)] = Field(
+        default_factory=_newest_zot
+    )
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    sync: ZotSyncConfig = ZotSyncConfig()
+    backends: dict[str, ZotBackend] = Field(default_factory=dict)
+    # Path of an htpasswd file on every zot host; all backends share it.
+    htpasswd: AbsolutePath | None = None
+    tls: ZotTLS | None = None
+    metrics: ZotMetrics = ZotMetrics()
+    http_timeouts: ZotHTTPTimeouts = ZotHTTPTimeouts()
+
+
+LBConfig.model_rebuild()
