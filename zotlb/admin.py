@@ -1,15 +1,32 @@
-"""The admin listener: /metrics for Prometheus and /status as JSON."""
+"""The admin listener: /metrics for Prometheus, /status as JSON, the status page
+at /, and the runtime controls (drain, enable, reload)."""
 
 from __future__ import annotations
 
+import hmac
 import time
+from importlib import resources
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .backends import Backend, Pool
+from .config import AdminConfig
+from .logs import get as get_logger
 from .metrics import Metrics
+from .stats import Stats
+
+log = get_logger("zotlb.admin")
+
+
+class Controls(Protocol):
+    """What the admin API may change at runtime (the Server implements it)."""
+
+    def set_drained(self, name: str, drained: bool) -> bool: ...
+
+    async def reload(self) -> list[str]: ...
 
 
 def backend_status(backend: Backend, pool: Pool) -> dict[str, object]:
@@ -23,6 +40,7 @@ def backend_status(backend: Backend, pool: Pool) -> dict[str, object]:
         "drained": backend.drained,
         "seconds_in_state": round(now - backend.state_since, 3),
         "in_flight": backend.in_flight,
+        "probe_latency_ms": None if probe is None else round(probe.latency * 1000, 2),
         "active": pool.mode == "active-passive" and pool.active is backend,
         "last_probe": None
         if probe is None
@@ -36,22 +54,101 @@ def backend_status(backend: Backend, pool: Pool) -> dict[str, object]:
     }
 
 
-def create_admin_app(pool: Pool, metrics: Metrics, started_at: float) -> web.Application:
+def create_admin_app(
+    pool: Pool,
+    metrics: Metrics,
+    started_at: float,
+    *,
+    stats: Stats | None = None,
+    controls: Controls | None = None,
+    admin_cfg: AdminConfig | None = None,
+) -> web.Application:
     async def status(request: web.Request) -> web.Response:
+        backends = [backend_status(b, pool) for b in pool.backends]
+        if stats is not None:
+            traffic = stats.summary([b.name for b in pool.backends])
+            homes = stats.homes.counts()
+            for entry in backends:
+                name = str(entry["name"])
+                entry.update(traffic[name])
+                entry["recent_home_repositories"] = homes.get(name, 0)
         return web.json_response(
             {
                 "version": __version__,
                 "mode": pool.mode,
                 "uptime_seconds": round(time.time() - started_at, 3),
-                "backends": [backend_status(b, pool) for b in pool.backends],
+                "backends": backends,
             }
+        )
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(
+            text=_STATUS_PAGE, content_type="text/html", charset="utf-8"
+        )
+
+    async def drain(request: web.Request) -> web.Response:
+        return _set_drained(request, True)
+
+    async def enable(request: web.Request) -> web.Response:
+        return _set_drained(request, False)
+
+    def _set_drained(request: web.Request, drained: bool) -> web.Response:
+        name = request.match_info["name"]
+        if controls is None or not controls.set_drained(name, drained):
+            return web.json_response(
+                {"error": f"no backend named {name!r}"}, status=404
+            )
+        return web.json_response(backend_status(pool.by_name[name], pool))
+
+    async def reload(request: web.Request) -> web.Response:
+        if controls is None:
+            return web.json_response({"error": "reload is not available"}, status=501)
+        problems = await controls.reload()
+        return web.json_response(
+            {"reloaded": not problems, "problems": problems},
+            status=422 if problems else 200,
         )
 
     async def prometheus(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    cfg = admin_cfg or AdminConfig()
+    app = web.Application(middlewares=[_auth(cfg.resolved_token(), cfg.open_read)])
+    app.router.add_get("/", page)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", prometheus)
+    app.router.add_post("/backends/{name}/drain", drain)
+    app.router.add_post("/backends/{name}/enable", enable)
+    app.router.add_post("/reload", reload)
     return app
+
+
+_READ_ONLY = frozenset({"GET", "HEAD"})
+
+
+def _auth(token: str | None, open_read: bool) -> object:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: object) -> web.StreamResponse:
+        if expected is None or (open_read and request.method in _READ_ONLY):
+            return await handler(request)  # type: ignore[operator]
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            log.warning(
+                "admin.unauthorized", path=request.path, client=request.remote
+            )
+            return web.json_response(
+                {"error": "a bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="zotlb admin"'},
+            )
+        return await handler(request)  # type: ignore[operator]
+
+    return check
+
+
+_STATUS_PAGE = (
+    resources.files("zotlb").joinpath("data/status.html").read_text(encoding="utf-8")
+)

@@ -209,6 +209,43 @@ class Pool:
             return []
         return [active] + [b for b in self.available() if b is not active]
 
+    def reconfigure(
+        self,
+        backends: Iterable[BackendConfig],
+        health: HealthConfig,
+        mode: str,
+        failback: str,
+    ) -> tuple[list[Backend], list[Backend]]:
+        """Hot reload: adopt a new backend list in place; return (added, removed).
+
+        Backends whose name and URL are unchanged keep their object, so state,
+        drain flag and in-flight counters survive. New ones start down and come
+        up after `rise` good probes, so no traffic meets an unchecked backend.
+        Requests already holding a removed backend finish on it.
+        """
+        kept = self.by_name
+        new: list[Backend] = []
+        added: list[Backend] = []
+        for cfg in backends:
+            backend = kept.get(cfg.name)
+            if backend is None or backend.url != URL(cfg.url):
+                backend = Backend.from_config(cfg)
+                backend.state = State.DOWN
+                backend.reason = "added by reload, awaiting probes"
+                added.append(backend)
+            new.append(backend)
+        removed = [b for b in self.backends if b not in new]
+        self.backends = new
+        self.by_name = {b.name: b for b in new}
+        self.health = health
+        self.mode = mode
+        self.failback = failback
+        if self._active not in new:
+            self._active = None
+        if mode == "active-passive":
+            self._elect_active()
+        return added, removed
+
     def promote(self, backend: Backend) -> None:
         """Manual failback: make backend the active one (if it is available)."""
         if backend.is_available():

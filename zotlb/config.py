@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -176,6 +177,12 @@ class TimeoutsConfig(_Section):
 
 class AdminConfig(_Section):
     listen: str | None = "127.0.0.1:9100"
+    # Bearer token for the admin API; required when listen is not loopback.
+    # The environment variable named by token_env overrides it.
+    token: SecretStr | None = None
+    token_env: str = "ZOTLB_ADMIN_TOKEN"
+    # Let /, /status and /metrics answer without the token.
+    open_read: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -184,10 +191,18 @@ class AdminConfig(_Section):
             parse_hostport(value)
         return value
 
+    def resolved_token(self) -> str | None:
+        from_env = os.environ.get(self.token_env) if self.token_env else None
+        if from_env:
+            return from_env
+        return self.token.get_secret_value() if self.token else None
+
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    # Share of successful requests that get an access event (errors always do).
+    access_sample: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class LBConfig(_Section):
@@ -233,6 +248,18 @@ class LBConfig(_Section):
             seen_urls.setdefault(backend.url, i)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_admin_token(self) -> LBConfig:
+        admin = self.admin
+        if admin.listen is None or admin.resolved_token():
+            return self
+        if not is_loopback(parse_hostport(admin.listen)[0]):
+            raise ValueError(
+                f"admin.token: required when admin.listen ({admin.listen}) is not "
+                f"loopback (set it here or in ${admin.token_env})"
+            )
         return self
 
     @property

@@ -22,12 +22,27 @@ class HealthChecker:
         self.metrics = metrics
         self.session = session
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watched: dict[str, Backend] = {}
 
     def start(self) -> None:
         for backend in self.pool.backends:
             self._tasks[backend.name] = asyncio.create_task(
                 self._loop(backend), name=f"health:{backend.name}"
             )
+        self._watched = dict(self.pool.by_name)
+
+    def sync(self) -> None:
+        """After a reload: probe new backends, stop probing removed ones."""
+        for name, task in list(self._tasks.items()):
+            if self._watched.get(name) is not self.pool.by_name.get(name):
+                task.cancel()
+                del self._tasks[name]
+        for backend in self.pool.backends:
+            if backend.name not in self._tasks:
+                self._tasks[backend.name] = asyncio.create_task(
+                    self._loop(backend), name=f"health:{backend.name}"
+                )
+        self._watched = dict(self.pool.by_name)
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

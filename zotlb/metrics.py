@@ -105,3 +105,47 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.home_moves = Counter(
+            "zotlb_home_moves_total",
+            "Repositories whose writes landed on another backend than last time "
+            "(their home moved), by previous and new home.",
+            ["from_backend", "to_backend"],
+            registry=r,
+        )
+        self.drained = Gauge(
+            "zotlb_backend_drained",
+            "1 while an operator has drained the backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "zotlb_config_reloads_total",
+            "Configuration reloads, by result (ok/failed).",
+            ["result"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "zotlb_client_connections",
+            "Open client connections on the proxy listener.",
+            registry=r,
+        )
+        self.backend_connections = Gauge(
+            "zotlb_backend_connections",
+            "Connections to backends, by use (active/idle).",
+            ["use"],
+            registry=r,
+        )
+        self.info = Gauge(
+            "zotlb_info",
+            "Always 1; labels carry the version and the mode.",
+            ["version", "mode"],
+            registry=r,
+        )
+
+    def forget_backend(self, name: str) -> None:
+        """Drop the per-backend series of a backend removed by a reload."""
+        for metric in (self.up, self.in_flight, self.drained):
+            try:
+                metric.remove(name)
+            except KeyError:
+                pass

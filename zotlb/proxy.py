@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from .errors import (
 from .logs import get as get_logger
 from .metrics import Metrics
 from .routing import Kind, Route
+from .stats import Stats
 
 access_log = get_logger("zotlb.access")
 log = get_logger("zotlb.proxy")
@@ -71,6 +75,8 @@ class _Outcome:
     retries: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    request_id: str = ""
+    upload: str | None = None
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -87,11 +93,21 @@ class Proxy:
         pool: Pool,
         metrics: Metrics,
         session: aiohttp.ClientSession,
+        stats: Stats | None = None,
     ) -> None:
-        self.cfg = cfg
         self.pool = pool
         self.metrics = metrics
         self.session = session
+        self.stats = stats
+        self.apply_config(cfg)
+        self._chunk = 256 * 1024
+        # Request ids: a per-process prefix and a counter, unique and cheap.
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+
+    def apply_config(self, cfg: LBConfig) -> None:
+        """Take the settings a reload may change; requests in flight keep theirs."""
+        self.cfg = cfg
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=cfg.timeouts.connect,
@@ -99,13 +115,17 @@ class Proxy:
             sock_read=cfg.timeouts.read,
         )
         self._allow_non_v2 = cfg.non_v2 == "pass"
-        self._chunk = 256 * 1024
+        self._sample = cfg.log.access_sample
 
     # --- entry point -------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         outcome = _Outcome()
+        outcome.request_id = (
+            request.headers.get("X-Request-ID")
+            or f"{self._id_prefix}-{next(self._ids):x}"
+        )
         route: Route | None = None
         try:
             route = routing.parse(request.method, request.raw_path, self._allow_non_v2)
@@ -119,8 +139,11 @@ class Proxy:
                     path=request.path,
                     status=exc.status,
                     error=exc.message,
+                    request_id=outcome.request_id,
                 )
-            return exc.response()
+            response = exc.response()
+            response.headers["X-Request-ID"] = outcome.request_id
+            return response
         except _ClientGone:
             outcome.status = 499
             raise
@@ -134,14 +157,25 @@ class Proxy:
         status_class = f"{out.status // 100}xx" if out.status else "error"
         self.metrics.requests.labels(out.backend, request.method, status_class, kind).inc()
         self.metrics.duration.labels(request.method, kind).observe(elapsed)
+        if self.stats is not None and out.backend != "none":
+            self.stats.record(out.backend, out.status, out.bytes_in + out.bytes_out)
+        if (
+            self._sample < 1.0
+            and 0 < out.status < 400
+            and random.random() >= self._sample
+        ):
+            return
         access_log.info(
             "request",
+            request_id=out.request_id,
             method=request.method,
             path=request.path,
             status=out.status,
             route=kind,
             repo=route.name if route else None,
             backend=out.backend,
+            upload=out.upload
+            or (route.reference if route and route.kind is Kind.UPLOAD else None),
             retries=out.retries,
             bytes_in=out.bytes_in,
             bytes_out=out.bytes_out,
@@ -158,6 +192,8 @@ class Proxy:
         if not plan.backends:
             raise NoHealthyBackend("no healthy backend is available")
         headers = self._upstream_headers(request)
+        # Sent on so backend logs line up with ours; a client's own id wins.
+        headers.setdefault("X-Request-ID", out.request_id)
         has_body = request.body_exists
         first_miss: _Miss | None = None
         error: ProxyError | None = None
@@ -217,6 +253,8 @@ class Proxy:
         raise error or NoHealthyBackend("no healthy backend is available")
 
     def _note_retry(self, backend: Backend, cause: str, has_next: bool, route: Route) -> None:
+        if self.stats is not None:
+            self.stats.record_error(backend.name)
         if has_next:
             self.metrics.retries.labels(backend.name, cause).inc()
             log.info(
@@ -333,10 +371,14 @@ class Proxy:
         out.status = upstream.status
         out.backend = backend.name
         self._count_upload(route, backend, upstream.status)
+        self._note_home(route, backend, upstream.status)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(
             self._response_headers(request, route, backend, upstream.status, upstream.headers)
         )
+        response.headers.setdefault("X-Request-ID", out.request_id)
+        if route.is_upload_open and upstream.status == 202:
+            out.upload = _session_id(upstream.headers.get("Location", ""))
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
         try:
@@ -400,6 +442,28 @@ class Proxy:
         headers.pop("Content-Length", None)
         return web.Response(status=miss.status, reason=miss.reason, body=miss.body, headers=headers)
 
+    def _note_home(self, route: Route, backend: Backend, status: int) -> None:
+        # Writes that open work on a repository show where its home is now;
+        # requests inside a session are pinned and say nothing about homes.
+        if (
+            self.stats is None
+            or route.name is None
+            or route.is_read
+            or route.is_session
+            or status >= 400
+            or self.pool.mode != "active-active"
+        ):
+            return
+        previous = self.stats.homes.observe(route.name, backend.name)
+        if previous is not None:
+            self.metrics.home_moves.labels(previous, backend.name).inc()
+            log.info(
+                "repository.home_moved",
+                repo=route.name,
+                previous=previous,
+                backend=backend.name,
+            )
+
     def _count_upload(self, route: Route, backend: Backend, status: int) -> None:
         if route.kind is not Kind.UPLOAD:
             return
@@ -415,3 +479,9 @@ class Proxy:
             ).inc()
         elif status >= 400:
             self.metrics.uploads.labels(backend.name, "failed").inc()
+
+
+def _session_id(location: str) -> str | None:
+    """The upload session id: the last path segment of the Location."""
+    path = location.partition("?")[0].rstrip("/")
+    return path.rpartition("/")[2] or None

@@ -12,12 +12,13 @@ from aiohttp import web
 from . import __version__
 from .admin import create_admin_app
 from .backends import Pool, State
-from .config import LBConfig, parse_hostport
+from .config import ConfigError, LBConfig, load_config, parse_hostport
 from .health import HealthChecker
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
+from .stats import Stats
 
 log = get_logger("zotlb.server")
 
@@ -42,9 +43,14 @@ def _new_session(cfg: LBConfig, limit: int = 0) -> aiohttp.ClientSession:
 class Server:
     """One zotlb instance: the proxy listener, the admin listener, the probes."""
 
-    def __init__(self, cfg: LBConfig) -> None:
+    def __init__(self, cfg: LBConfig, config_path: str | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.metrics = Metrics()
+        self.stats = Stats()
+        self.proxy: Proxy | None = None
+        self._reload_lock = asyncio.Lock()
+        self.metrics.info.labels(__version__, cfg.mode).set(1)
         self.pool = Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
@@ -67,8 +73,11 @@ class Server:
     async def start(self) -> None:
         cfg = self.cfg
         self._session = _new_session(cfg)
-        self._health_session = _new_session(cfg, limit=len(cfg.backends) * 2)
-        proxy = Proxy(cfg, self.pool, self.metrics, self._session)
+        # Room for backends a reload may add.
+        self._health_session = _new_session(cfg, limit=max(16, len(cfg.backends) * 2))
+        self.proxy = proxy = Proxy(
+            cfg, self.pool, self.metrics, self._session, stats=self.stats
+        )
 
         handler = web.Server(
             proxy.handle,
@@ -83,10 +92,18 @@ class Server:
         self._runners.append(runner)
         host, port = cfg.listen_address
         await web.TCPSite(runner, host, port, backlog=1024).start()
+        watch_connections(self.metrics, handler, self._session)
 
         if cfg.admin.listen:
             admin = web.AppRunner(
-                create_admin_app(self.pool, self.metrics, self.started_at),
+                create_admin_app(
+                    self.pool,
+                    self.metrics,
+                    self.started_at,
+                    stats=self.stats,
+                    controls=self,
+                    admin_cfg=cfg.admin,
+                ),
                 handle_signals=False,
                 access_log=None,
                 shutdown_timeout=1.0,
@@ -105,6 +122,80 @@ class Server:
             admin=cfg.admin.listen,
             mode=cfg.mode,
             backends=[b.name for b in self.pool.backends],
+        )
+
+    # --- runtime controls (the admin API calls these) --------------------------
+
+    def set_drained(self, name: str, drained: bool) -> bool:
+        backend = self.pool.by_name.get(name)
+        if backend is None:
+            return False
+        self.pool.set_drained(backend, drained)
+        self.metrics.drained.labels(name).set(1 if drained else 0)
+        return True
+
+    async def reload(self) -> list[str]:
+        """Re-read lb.yaml and apply it; return the problems (empty when applied).
+
+        An invalid file changes nothing: the old configuration stays in force.
+        """
+        async with self._reload_lock:
+            if self.config_path is None:
+                problems = ["zotlb was started without a configuration file"]
+            else:
+                try:
+                    new = load_config(self.config_path)
+                except ConfigError as exc:
+                    problems = exc.problems
+                else:
+                    problems = []
+                    self._apply(new)
+            if problems:
+                self.metrics.reloads.labels("failed").inc()
+                log.error(
+                    "config.reload.failed", path=self.config_path, problems=problems
+                )
+            else:
+                self.metrics.reloads.labels("ok").inc()
+            return problems
+
+    def _apply(self, new: LBConfig) -> None:
+        old = self.cfg
+        # Listeners stay open across a reload: their addresses and the log
+        # set-up need a restart to change.
+        ignored = [
+            key
+            for key, before, after in (
+                ("listen", old.listen, new.listen),
+                ("admin", old.admin, new.admin),
+                ("log.level", old.log.level, new.log.level),
+                ("log.format", old.log.format, new.log.format),
+            )
+            if before != after
+        ]
+        added, removed = self.pool.reconfigure(
+            new.backends, new.health, new.mode, new.failback
+        )
+        for backend in removed:
+            self.metrics.forget_backend(backend.name)
+        for backend in added:
+            self.metrics.up.labels(backend.name).set(0)
+            self.metrics.drained.labels(backend.name).set(0)
+        if old.mode != new.mode:
+            self.metrics.info.remove(__version__, old.mode)
+            self.metrics.info.labels(__version__, new.mode).set(1)
+        if self._health is not None:
+            self._health.sync()
+        if self.proxy is not None:
+            self.proxy.apply_config(new)
+        self.cfg = new
+        log.info(
+            "config.reloaded",
+            path=self.config_path,
+            added=[b.name for b in added],
+            removed=[b.name for b in removed],
+            backends=[b.name for b in self.pool.backends],
+            needs_restart=ignored,
         )
 
     async def stop(self) -> None:
@@ -135,6 +226,14 @@ class Server:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        reloads: set[asyncio.Task[list[str]]] = set()
+
+        def on_hangup() -> None:
+            task = loop.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         await self.start()
         try:
             await self.stopping.wait()
@@ -152,8 +251,24 @@ def run(cfg: LBConfig, config_path: str | None = None) -> int:
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(Server(cfg).run_until_signalled())
+            runner.run(Server(cfg, config_path).run_until_signalled())
     except OSError as exc:
         log.error("server.failed", error=str(exc))
         return 1
     return 0
+
+
+def watch_connections(
+    metrics: Metrics, handler: web.Server, session: aiohttp.ClientSession
+) -> None:
+    """Connection gauges, read when Prometheus scrapes rather than counted."""
+    metrics.client_connections.set_function(lambda: len(handler.connections))
+    connector = session.connector
+    # aiohttp keeps these private; read them defensively so an aiohttp change
+    # turns the gauges to zero instead of breaking /metrics.
+    metrics.backend_connections.labels("active").set_function(
+        lambda: len(getattr(connector, "_acquired", ()))
+    )
+    metrics.backend_connections.labels("idle").set_function(
+        lambda: sum(len(c) for c in getattr(connector, "_conns", {}).values())
+    )

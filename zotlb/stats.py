@@ -1,0 +1,130 @@
+"""Live traffic figures for /status and the status page.
+
+Prometheus counters only grow; an operator's page wants "now": requests, errors
+and bytes over the last seconds and the last minute. Each backend keeps a ring
+of one-second buckets, so recording is a few integer additions on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+WINDOW_SECONDS = 60
+# The "live" rate on the page: short enough to react, long enough to be smooth.
+RATE_SECONDS = 5
+
+
+class Window:
+    """Per-second buckets of requests, errors and bytes over the last minute."""
+
+    __slots__ = ("_bytes", "_clock", "_errors", "_requests", "_seconds")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seconds = [-1] * WINDOW_SECONDS
+        self._requests = [0] * WINDOW_SECONDS
+        self._errors = [0] * WINDOW_SECONDS
+        self._bytes = [0] * WINDOW_SECONDS
+
+    def _slot(self) -> int:
+        now = int(self._clock())
+        slot = now % WINDOW_SECONDS
+        if self._seconds[slot] != now:
+            # The bucket holds a second that has left the window: reuse it.
+            self._seconds[slot] = now
+            self._requests[slot] = self._errors[slot] = self._bytes[slot] = 0
+        return slot
+
+    def add(self, requests: int = 0, errors: int = 0, nbytes: int = 0) -> None:
+        slot = self._slot()
+        self._requests[slot] += requests
+        self._errors[slot] += errors
+        self._bytes[slot] += nbytes
+
+    def totals(self, seconds: int = WINDOW_SECONDS) -> tuple[int, int, int]:
+        """(requests, errors, bytes) over the last `seconds` whole seconds.
+
+        The current, still-filling second is left out so a rate does not dip
+        at the start of every second.
+        """
+        now = int(self._clock())
+        oldest = now - seconds
+        requests = errors = nbytes = 0
+        for i, second in enumerate(self._seconds):
+            if oldest <= second < now:
+                requests += self._requests[i]
+                errors += self._errors[i]
+                nbytes += self._bytes[i]
+        return requests, errors, nbytes
+
+
+class HomeTracker:
+    """Remembers where each recently written repository lived, to count moves.
+
+    A repository's home is a pure function of the available backends, so a move
+    is only visible when a write lands somewhere other than last time. The
+    memory is bounded: the least recently written repositories are forgotten.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._homes: OrderedDict[str, str] = OrderedDict()
+
+    def observe(self, repository: str, backend: str) -> str | None:
+        """Record a write; return the previous home when the repository moved."""
+        previous = self._homes.get(repository)
+        self._homes[repository] = backend
+        self._homes.move_to_end(repository)
+        if len(self._homes) > self._limit:
+            self._homes.popitem(last=False)
+        if previous is not None and previous != backend:
+            return previous
+        return None
+
+    def counts(self) -> dict[str, int]:
+        """How many remembered repositories each backend is home to."""
+        out: dict[str, int] = {}
+        for backend in self._homes.values():
+            out[backend] = out.get(backend, 0) + 1
+        return out
+
+
+class Stats:
+    """Rolling traffic figures per backend."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.windows: dict[str, Window] = {}
+        self.homes = HomeTracker()
+
+    def window(self, backend: str) -> Window:
+        window = self.windows.get(backend)
+        if window is None:
+            window = self.windows[backend] = Window(self._clock)
+        return window
+
+    def record(self, backend: str, status: int, nbytes: int) -> None:
+        self.window(backend).add(1, 1 if status >= 500 or status == 0 else 0, nbytes)
+
+    def record_error(self, backend: str) -> None:
+        """A failure that moved the request on (connect refused, reset, 5xx)."""
+        self.window(backend).add(1, 1, 0)
+
+    def summary(self, backends: list[str]) -> dict[str, dict[str, float]]:
+        minute = {name: self.window(name).totals() for name in backends}
+        total = sum(requests for requests, _, _ in minute.values())
+        out = {}
+        for name in backends:
+            requests, errors, _ = minute[name]
+            recent, _, recent_bytes = self.window(name).totals(RATE_SECONDS)
+            out[name] = {
+                "requests_last_minute": requests,
+                "errors_last_minute": errors,
+                "traffic_share": round(requests / total, 4) if total else 0.0,
+                "error_rate": round(errors / requests, 4) if requests else 0.0,
+                "requests_per_second": round(recent / RATE_SECONDS, 2),
+                "bytes_per_second": round(recent_bytes / RATE_SECONDS, 1),
+            }
+        return out
