@@ -99,7 +99,9 @@ class Browser:
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         assert self._ws is not None
         call_id = next(self._ids)
-        await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
+        await self._ws.send_str(
+            json.dumps({"id": call_id, "method": method, "params": params})
+        )
         while True:
             msg = await asyncio.wait_for(self._ws.receive(), 30)
             if msg.type is not aiohttp.WSMsgType.TEXT:

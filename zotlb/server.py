@@ -61,6 +61,7 @@ class Server:
         self._health: HealthChecker | None = None
         for backend in self.pool.backends:
             self.metrics.up.labels(backend.name).set(1)
+            self.metrics.drained.labels(backend.name).set(0)
 
     def _on_state_change(self, backend: object, state: State, reason: str) -> None:
         name = getattr(backend, "name", "?")

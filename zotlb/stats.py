@@ -43,17 +43,20 @@ class Window:
         self._errors[slot] += errors
         self._bytes[slot] += nbytes
 
-    def totals(self, seconds: int = WINDOW_SECONDS) -> tuple[int, int, int]:
-        """(requests, errors, bytes) over the last `seconds` whole seconds.
+    def totals(
+        self, seconds: int = WINDOW_SECONDS, current: bool = True
+    ) -> tuple[int, int, int]:
+        """(requests, errors, bytes) over the last `seconds` seconds.
 
-        The current, still-filling second is left out so a rate does not dip
-        at the start of every second.
+        A rate leaves the current, still-filling second out (current=False) so
+        it does not dip at the start of every second.
         """
         now = int(self._clock())
-        oldest = now - seconds
+        newest = now if current else now - 1
+        oldest = newest - seconds + 1
         requests = errors = nbytes = 0
         for i, second in enumerate(self._seconds):
-            if oldest <= second < now:
+            if oldest <= second <= newest:
                 requests += self._requests[i]
                 errors += self._errors[i]
                 nbytes += self._bytes[i]
@@ -118,7 +121,7 @@ class Stats:
         out = {}
         for name in backends:
             requests, errors, _ = minute[name]
-            recent, _, recent_bytes = self.window(name).totals(RATE_SECONDS)
+            recent, _, recent_bytes = self.window(name).totals(RATE_SECONDS, False)
             out[name] = {
                 "requests_last_minute": requests,
                 "errors_last_minute": errors,
