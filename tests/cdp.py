@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -126,19 +125,18 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float, what: str) -> Any:
+    async def wait_for(self, expression: str, seconds: float, what: str) -> Any:
         """Poll a JavaScript condition until it is truthy (a readiness poll)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + seconds
         while loop.time() < deadline:
             value = await self.evaluate(expression)
             if value:
                 return value
             await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
-    async def screenshot(self, path: Path) -> bytes:
+    async def screenshot(self) -> bytes:
+        """The page as PNG bytes."""
         result = await self.send("Page.captureScreenshot", format="png")
-        png = base64.b64decode(result["data"])
-        path.write_bytes(png)
-        return png
+        return base64.b64decode(result["data"])

@@ -63,7 +63,8 @@ async def test_status_page_shows_backends_and_a_killed_one_turning_down(
         print(f"page after kill -9 of b: b down, reason: {reason}")
 
         shot = tmp_path / "status-page.png"
-        png = await browser.screenshot(shot)
+        png = await browser.screenshot()
+        shot.write_bytes(png)
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
         print(f"screenshot: {shot} ({len(png)} bytes)")
         # ZOTLB_SCREENSHOT=docs/status-page.png refreshes the README's picture.
