@@ -30,7 +30,7 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--window-size=1280,420",
+    "--window-size=1280,800",
     "--remote-debugging-address=127.0.0.1",
     "--remote-debugging-port=0",
 )
@@ -68,6 +68,13 @@ class Browser:
         )
         await self.send("Page.enable")
         await self.send("Runtime.enable")
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=300,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         return self
 
     async def _endpoint(self) -> str:

@@ -107,3 +107,15 @@ def test_pool_reconfigure_elects_a_new_active_when_the_old_one_goes():
     pool.reconfigure(_configs("b"), HealthConfig(), "active-passive", "auto")
     assert pool.active is pool.by_name["b"]
     assert pool.passive_order() == [pool.by_name["b"]]
+
+
+def test_draining_the_active_backend_fails_over_and_enable_fails_back():
+    pool = Pool(_configs("a", "b"), HealthConfig(), mode="active-passive")
+    events: list[str] = []
+    pool.on_state_change(lambda backend, state, reason: events.append(reason))
+    a, b = pool.backends
+    pool.set_drained(a, True)
+    assert pool.active is b and pool.passive_order() == [b]
+    pool.set_drained(a, False)
+    assert pool.active is a and pool.passive_order() == [a, b]
+    assert events == ["failover", "failback"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,23 @@ async def test_status_page_shows_backends_and_a_killed_one_turning_down(
 ):
     a, b = registries
     lb = zotlb_factory([a, b], health={"interval": "200ms", "fall": 2})
-    for _ in range(30):
-        assert http("GET", lb.url + "/v2/")[0] == 200
+    stop = threading.Event()
 
+    def traffic() -> None:
+        # Steady reads, so the page has live rates to show.
+        while not stop.wait(0.05):
+            http("GET", lb.url + "/v2/")
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        await _drive(lb, b, tmp_path)
+    finally:
+        stop.set()
+        sender.join(5)
+
+
+async def _drive(lb, b, tmp_path) -> None:
     async with Browser() as browser:
         await browser.goto(lb.admin + "/")
         await browser.wait_for(
@@ -41,15 +56,17 @@ async def test_status_page_shows_backends_and_a_killed_one_turning_down(
             10,
             "both backends shown up",
         )
+        rate = (
+            "document.querySelector('tr[data-backend=\"a\"]').children[3].textContent"
+        )
+        await browser.wait_for(f"parseFloat({rate}) > 0", 10, "a live request rate")
         meta = await browser.evaluate(
             "[mode.textContent, version.textContent, uptime.textContent]"
         )
         assert meta[0] == "active-active"
         assert meta[1] == lb.status()["version"]
-        rate = await browser.evaluate(
-            "document.querySelector('tr[data-backend=\"a\"]').children[3].textContent"
-        )
-        print(f"page before the kill: mode={meta[0]} uptime={meta[2]} a req/s={rate}")
+        shown = await browser.evaluate(rate)
+        print(f"page before the kill: mode={meta[0]} uptime={meta[2]} a req/s={shown}")
 
         b.kill()
         # Refreshed in place: the same document, no navigation, shows the change.

@@ -142,9 +142,14 @@ class Metrics:
             registry=r,
         )
 
-    def forget_backend(self, name: str) -> None:
-        """Drop the per-backend series of a backend removed by a reload."""
-        for metric in (self.up, self.in_flight, self.drained):
+    def forget_backend(self, name: str, idle: bool = True) -> None:
+        """Drop the per-backend series of a backend removed by a reload.
+
+        The in-flight gauge stays while requests still run there: they
+        decrement it when they finish, which would otherwise recreate it at -1.
+        """
+        metrics = [self.up, self.drained] + ([self.in_flight] if idle else [])
+        for metric in metrics:
             try:
                 metric.remove(name)
             except KeyError:

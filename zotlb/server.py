@@ -178,7 +178,7 @@ class Server:
             new.backends, new.health, new.mode, new.failback
         )
         for backend in removed:
-            self.metrics.forget_backend(backend.name)
+            self.metrics.forget_backend(backend.name, idle=backend.in_flight == 0)
         for backend in added:
             self.metrics.up.labels(backend.name).set(0)
             self.metrics.drained.labels(backend.name).set(0)
