@@ -16,6 +16,8 @@ from conftest import (
     http,
     lb_config,
     needs_registry,
+    needs_skopeo,
+    push,
     start_zotlb,
     wait_until,
 )
@@ -334,3 +336,43 @@ def test_access_log_sampling_keeps_errors(registries, zotlb_factory):
         for n in ("a", "b")
     )
     assert total == 10
+
+
+@needs_skopeo
+def test_a_skopeo_push_can_be_followed_by_upload_session(
+    registries, zotlb_factory, image_factory
+):
+    a, b = registries
+    lb = zotlb_factory([a, b])
+    image = image_factory("v1")
+    result = push(image, f"{lb.hostport}/trace/skopeo:v1")
+    assert result.returncode == 0, result.stderr
+
+    wait_until(
+        lambda: any(
+            e["method"] == "PUT" and e["route"] == "manifest"
+            for e in lb.events("request")
+        ),
+        5,
+        "the manifest PUT's access event",
+    )
+    events = [e for e in lb.events("request") if e["repo"] == "trace/skopeo"]
+    sessions: dict[str, list[dict]] = {}
+    for event in events:
+        if event["upload"]:
+            sessions.setdefault(event["upload"], []).append(event)
+    # One session per blob skopeo had to send (layers and config).
+    assert len(sessions) == len(image.blobs) - 1, sessions
+    for lines in sessions.values():
+        assert lines[0]["method"] == "POST"
+        assert lines[0]["status"] == 202 and lines[-1]["status"] == 201
+        assert lines[-1]["method"] == "PUT"
+        assert {e["backend"] for e in lines} == {lines[0]["backend"]}
+    writes = [e for e in events if e["method"] in ("POST", "PATCH", "PUT")]
+    assert len({e["backend"] for e in writes}) == 1
+    ids = [e["request_id"] for e in events]
+    assert len(set(ids)) == len(ids)
+    print(
+        f"push of {len(image.blobs)} objects: {len(events)} access events, "
+        f"{len(sessions)} upload sessions, all on {writes[0]['backend']}"
+    )
