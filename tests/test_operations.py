@@ -231,6 +231,10 @@ def test_admin_token_guards_controls_and_read_only_can_stay_open(
     assert lb.backend_state("a") == "up"
     assert not next(x for x in lb.status()["backends"] if x["name"] == "a")["drained"]
 
+    # The CLI finds the admin address and token in lb.yaml.
+    by_config = zotlb_cli("enable", "a", "-c", str(lb.config_path))
+    assert by_config.returncode == 0, by_config.stderr
+
     denied = zotlb_cli("drain", "a", "--admin", lb.admin)
     assert denied.returncode == 1 and "bearer token" in denied.stderr
     allowed = zotlb_cli("drain", "a", "--admin", lb.admin, "--token", "s3cret")

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from .config import load_config, parse_hostport
+
 DEFAULT_ADMIN = "http://127.0.0.1:9100"
 EXIT_FAILED = 1
 
@@ -18,10 +20,27 @@ class AdminError(Exception):
     pass
 
 
+def _admin_from_config(path: str) -> tuple[str, str | None]:
+    """The admin URL and token a running zotlb with this lb.yaml uses."""
+    cfg = load_config(path)
+    if cfg.admin.listen is None:
+        raise AdminError(f"{path}: admin.listen is off; this zotlb has no admin API")
+    host, port = parse_hostport(cfg.admin.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}", cfg.admin.resolved_token()
+
+
 def _call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
-    url = args.admin.rstrip("/") + path
+    admin, token = args.admin, args.token
+    if args.config:
+        admin, config_token = _admin_from_config(args.config)
+        token = token or config_token
+    url = admin.rstrip("/") + path
     headers = {"Accept": "application/json"}
-    token = args.token or os.environ.get("ZOTLB_ADMIN_TOKEN")
+    token = token or os.environ.get("ZOTLB_ADMIN_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, method=method, headers=headers)
@@ -138,6 +157,11 @@ def _add_admin_args(parser: argparse.ArgumentParser) -> None:
         help="admin listener URL (default: $ZOTLB_ADMIN or %(default)s)",
     )
     parser.add_argument("--token", help="bearer token (default: $ZOTLB_ADMIN_TOKEN)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="take the admin URL and token from this lb.yaml instead",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
 
 
