@@ -61,3 +61,19 @@ def _answers(url: str) -> bool:
         return http("GET", url, timeout=1)[0] == 200
     except OSError:
         return False
+
+
+def test_local_zot_config_is_valid_and_local(tmp_path):
+    import json
+
+    from zotlb import zotkeys
+    from zotlb.config import config_from_mapping
+    from zotlb.local import _zot_config
+
+    cfg = config_from_mapping(yaml.safe_load(default_config_text()))
+    written = json.loads(_zot_config(cfg, "b", 6123, tmp_path).read_text())
+    assert written["http"]["port"] == "6123"
+    assert written["storage"]["rootDirectory"] == str(tmp_path / "data")
+    assert written["extensions"]["sync"]["registries"][0]["urls"] == ["http://127.0.0.1:5001"]
+    errors = [f for f in zotkeys.check_config(written, cfg.zot.version) if f.severity == "error"]
+    assert errors == []
