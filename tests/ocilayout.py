@@ -115,3 +115,10 @@ def layout_digest(layout: Path, tag: str) -> str:
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
             return m["digest"]
     raise KeyError(tag)
+
+
+if __name__ == "__main__":
+    import sys
+
+    built = build_image(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "latest")
+    print(f"{built.ref} {built.manifest_digest}")

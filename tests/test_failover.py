@@ -125,3 +125,56 @@ def test_read_miss_on_active_is_tried_on_standby(registries, zotlb_factory, imag
     lb = zotlb_factory([a, b], mode="active-passive")
     got = pull(f"{lb.hostport}/sb/app:standby-only", tmp_path / "p", "standby-only")
     assert got == img.manifest_digest
+
+
+def _upload_through(lb_first, lb_second, repo: str) -> tuple[int, str]:
+    """Open an upload on one zotlb, continue and close it on another."""
+    import hashlib
+    from urllib.parse import urlsplit
+
+    data = b"session-affinity" * 64
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    status, headers, _ = http("POST", f"{lb_first.url}/v2/{repo}/blobs/uploads/")
+    assert status == 202
+    loc = urlsplit(headers["Location"])
+    status, headers, _ = http(
+        "PATCH", f"{lb_second.url}{loc.path}?{loc.query}", {"Content-Type": "application/octet-stream"}, data
+    )
+    assert status == 202, status
+    loc = urlsplit(headers["Location"])
+    status, headers, _ = http("PUT", f"{lb_second.url}{loc.path}?{loc.query}&digest={digest}")
+    return status, digest
+
+
+def test_upload_session_continues_on_another_replica_and_after_restart(registries, zotlb_factory):
+    a, b = registries
+    first, second = zotlb_factory([a, b]), zotlb_factory([a, b])
+    for i in range(4):
+        # Whatever the repository's home, the session follows its mark.
+        status, digest = _upload_through(first, second, f"replica/app{i}")
+        assert status == 201
+    first.stop()
+    third = zotlb_factory([a, b])
+    status, _ = _upload_through(second, third, "replica/after-restart")
+    assert status == 201
+
+
+def test_home_moves_when_down_and_back_when_it_returns(registries, zotlb_factory, image_factory):
+    a, b = registries
+    lb = zotlb_factory([a, b])
+    repo = "moving/app"
+    first = image_factory("one")
+    assert push(first, f"{lb.hostport}/{repo}:one").returncode == 0
+    home, other = (a, b) if a.has_manifest(repo, "one") else (b, a)
+
+    home.kill()
+    second = image_factory("two")
+    result = push(second, f"{lb.hostport}/{repo}:two")
+    assert result.returncode == 0, result.stderr
+    assert other.has_manifest(repo, "two")
+
+    home.start()
+    wait_until(lambda: lb.backend_state(home.name) == "up", 5, "home back up")
+    third = image_factory("three")
+    assert push(third, f"{lb.hostport}/{repo}:three").returncode == 0
+    assert home.has_manifest(repo, "three") and not other.has_manifest(repo, "three")

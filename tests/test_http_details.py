@@ -171,7 +171,8 @@ def test_sigterm_lets_in_flight_finish_and_exits_zero(echo, tmp_path):
     # The listener closes while the download is still in flight.
     wait_until(lambda: _refused(lb.port), 5, "listener closed")
     reader.join(30)
-    assert lb.stop() == 0
+    assert lb.proc.wait(20) == 0
+    lb.stop()
     header_len = 200  # the status line and headers
     assert received["bytes"] > 64 * 1024 * 1024
     assert received["bytes"] < 64 * 1024 * 1024 + header_len * 2

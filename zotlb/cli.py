@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .config import ConfigError, load_config
 from .ctl import register as _register_ctl
+from .local import register as _register_local
 from .zotcfg import register as _register_zot_config
 
 EXIT_OK = 0
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Further subcommands register themselves here: each takes the subparsers object.
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 _EXTRA_COMMANDS.append(_register_zot_config)
+_EXTRA_COMMANDS.append(_register_local)
 _EXTRA_COMMANDS.append(_register_ctl)
 
 

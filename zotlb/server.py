@@ -56,6 +56,7 @@ class Server:
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self._runners: list[web.BaseRunner] = []
+        self._handler: web.Server | None = None
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
@@ -80,7 +81,7 @@ class Server:
             cfg, self.pool, self.metrics, self._session, stats=self.stats
         )
 
-        handler = web.Server(
+        self._handler = handler = web.Server(
             proxy.handle,
             auto_decompress=False,
             access_log=None,
@@ -203,8 +204,13 @@ class Server:
         log.info("server.stopping", grace_seconds=self.cfg.timeouts.shutdown_grace)
         # The proxy listener first: it closes, then in-flight requests get the
         # grace period to finish; the admin listener stays up until then.
+        deadline = time.monotonic() + self.cfg.timeouts.shutdown_grace
+        transports = [
+            c.transport for c in (self._handler.connections if self._handler else [])
+        ]
         for runner in self._runners:
             await runner.cleanup()
+        await _flushed([t for t in transports if t is not None], deadline)
         if self._health is not None:
             await self._health.stop()
         for session in (self._session, self._health_session):
@@ -240,6 +246,27 @@ class Server:
             await self.stopping.wait()
         finally:
             await self.stop()
+
+
+async def _flushed(transports: list[asyncio.BaseTransport], deadline: float) -> None:
+    """Wait until closed client connections have sent what they still buffer.
+
+    A finished response may still sit in a transport's buffer when the
+    listener shuts down; exiting before it is flushed would cut the tail off
+    a response the client believes whole.
+    """
+    pending = [t for t in transports if isinstance(t, asyncio.WriteTransport)]
+    while pending and time.monotonic() < deadline:
+        pending = [t for t in pending if _buffered(t)]
+        if pending:
+            await asyncio.sleep(0.01)
+
+
+def _buffered(transport: asyncio.WriteTransport) -> bool:
+    try:
+        return transport.get_write_buffer_size() > 0
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def run(cfg: LBConfig, config_path: str | None = None) -> int:
