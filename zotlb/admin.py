@@ -9,6 +9,7 @@ from importlib import resources
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
@@ -127,13 +128,13 @@ def create_admin_app(
 _READ_ONLY = frozenset({"GET", "HEAD"})
 
 
-def _auth(token: str | None, open_read: bool) -> object:
+def _auth(token: str | None, open_read: bool) -> Middleware:
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
-    async def check(request: web.Request, handler: object) -> web.StreamResponse:
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is None or (open_read and request.method in _READ_ONLY):
-            return await handler(request)  # type: ignore[operator]
+            return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             log.warning(
@@ -144,7 +145,7 @@ def _auth(token: str | None, open_read: bool) -> object:
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="zotlb admin"'},
             )
-        return await handler(request)  # type: ignore[operator]
+        return await handler(request)
 
     return check
 

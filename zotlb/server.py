@@ -255,7 +255,9 @@ async def _flushed(transports: list[asyncio.BaseTransport], deadline: float) -> 
     listener shuts down; exiting before it is flushed would cut the tail off
     a response the client believes whole.
     """
-    pending = [t for t in transports if isinstance(t, asyncio.WriteTransport)]
+    # uvloop's transports are not asyncio.WriteTransport subclasses: test for
+    # the method, or the wait is skipped under uvloop and the tail is lost.
+    pending = [t for t in transports if hasattr(t, "get_write_buffer_size")]
     while pending and time.monotonic() < deadline:
         pending = [t for t in pending if _buffered(t)]
         if pending:
