@@ -68,6 +68,12 @@ async def _drive(lb, b, tmp_path) -> None:
         shown = await browser.evaluate(rate)
         print(f"page before the kill: mode={meta[0]} uptime={meta[2]} a req/s={shown}")
 
+        # A drain shows as a flag on the row, and goes again on enable.
+        assert http("POST", lb.admin + "/backends/a/drain")[0] == 200
+        await browser.wait_for(f"{_row('a', 'drained')} === 'true'", 10, "a drained")
+        assert http("POST", lb.admin + "/backends/a/enable")[0] == 200
+        await browser.wait_for(f"{_row('a', 'drained')} === 'false'", 10, "a enabled")
+
         b.kill()
         # Refreshed in place: the same document, no navigation, shows the change.
         await browser.evaluate("window.zotlbMarker = 1")
