@@ -155,6 +155,9 @@ def test_drain_moves_homes_finishes_in_flight_upload_and_enable_restores(
     assert result.stdout.strip() == "a: drained"
     entry = next(x for x in lb.status()["backends"] if x["name"] == "a")
     assert entry["drained"] is True and entry["state"] == "up"
+    # What an operator waits for before stopping a: its open upload sessions
+    # (the one probing for a home above and the one still to finish).
+    assert entry["uploads_in_progress"] == 2
     assert metric_value(lb, 'zotlb_backend_drained{backend="a"}') == 1
 
     # No new sessions or reads go to a; its repositories moved to b.
@@ -181,6 +184,9 @@ def test_drain_moves_homes_finishes_in_flight_upload_and_enable_restores(
     assert finish_upload(lb, location, data) == 201
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     assert http("HEAD", f"{a.url}/v2/{repo}/blobs/{digest}")[0] == 200
+    uploads = next(x for x in lb.status()["backends"] if x["name"] == "a")
+    assert uploads["uploads_in_progress"] == 1
+    assert metric_value(lb, 'zotlb_upload_sessions_open{backend="a"}') == 1
     assert http("HEAD", f"{b.url}/v2/{repo}/blobs/{digest}")[0] == 404
 
     result = zotlb_cli("enable", "a", *admin)
@@ -207,7 +213,7 @@ def test_status_cli_prints_a_table(registries, zotlb_factory):
     assert lines[2].split()[:3] == ["BACKEND", "STATE", "FLAGS"]
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert rows["a"][1] == "up" and rows["b"][1] == "up"
-    assert rows["a"][8].endswith("ms")
+    assert rows["a"][9].endswith("ms") and rows["a"][4] == "0"
 
     as_json = json.loads(zotlb_cli("status", "--json", "--admin", lb.admin).stdout)
     assert [x["name"] for x in as_json["backends"]] == ["a", "b"]

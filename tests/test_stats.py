@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from zotlb.backends import Pool, State
 from zotlb.config import BackendConfig, HealthConfig
-from zotlb.stats import WINDOW_SECONDS, HomeTracker, Stats, Window
+from zotlb.stats import (
+    UPLOAD_IDLE_SECONDS,
+    WINDOW_SECONDS,
+    HomeTracker,
+    Stats,
+    UploadTracker,
+    Window,
+)
 
 
 class Clock:
@@ -53,6 +60,7 @@ def test_summary_shares_and_error_rates():
         "error_rate": 0.0,
         "requests_per_second": 0.0,
         "bytes_per_second": 0.0,
+        "uploads_in_progress": 0,
     }
     clock.now += 1
     assert stats.summary(["a"])["a"]["requests_per_second"] == 0.8
@@ -119,3 +127,23 @@ def test_draining_the_active_backend_fails_over_and_enable_fails_back():
     pool.set_drained(a, False)
     assert pool.active is a and pool.passive_order() == [a, b]
     assert events == ["failover", "failback"]
+
+
+def test_upload_tracker_counts_open_sessions_and_expires_idle_ones():
+    clock = Clock()
+    changes: list[tuple[str, int]] = []
+    uploads = UploadTracker(clock, lambda backend, d: changes.append((backend, d)))
+    uploads.opened("s1", "a")
+    uploads.opened("s2", "a")
+    uploads.opened("s3", "b")
+    assert uploads.counts() == {"a": 2, "b": 1}
+    uploads.closed("s1")
+    uploads.closed("s1")  # a second close (a retried PUT) changes nothing
+    assert uploads.counts() == {"a": 1, "b": 1}
+
+    # s3 keeps being used; s2 goes quiet and is given up on.
+    clock.now += UPLOAD_IDLE_SECONDS - 1
+    uploads.touched("s3")
+    clock.now += 2
+    assert uploads.counts() == {"b": 1}
+    assert changes == [("a", 1), ("a", 1), ("b", 1), ("a", -1), ("a", -1)]

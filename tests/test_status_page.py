@@ -56,9 +56,7 @@ async def _drive(lb, b, tmp_path) -> None:
             10,
             "both backends shown up",
         )
-        rate = (
-            "document.querySelector('tr[data-backend=\"a\"]').children[3].textContent"
-        )
+        rate = "document.querySelector('tr[data-backend=\"a\"] .rate').textContent"
         await browser.wait_for(f"parseFloat({rate}) > 0", 10, "a live request rate")
         meta = await browser.evaluate(
             "[mode.textContent, version.textContent, uptime.textContent]"

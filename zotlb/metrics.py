@@ -105,6 +105,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.uploads_open = Gauge(
+            "zotlb_upload_sessions_open",
+            "Upload sessions opened and not yet closed, failed or idle 15 minutes.",
+            ["backend"],
+            registry=r,
+        )
         self.home_moves = Counter(
             "zotlb_home_moves_total",
             "Repositories whose writes landed on another backend than last time "

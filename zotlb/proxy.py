@@ -379,6 +379,8 @@ class Proxy:
         response.headers.setdefault("X-Request-ID", out.request_id)
         if route.is_upload_open and upstream.status == 202:
             out.upload = _session_id(upstream.headers.get("Location", ""))
+        if self.stats is not None and route.kind is Kind.UPLOAD:
+            self._track_upload(route, backend, upstream.status, out.upload)
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
         try:
@@ -463,6 +465,20 @@ class Proxy:
                 previous=previous,
                 backend=backend.name,
             )
+
+    def _track_upload(
+        self, route: Route, backend: Backend, status: int, opened: str | None
+    ) -> None:
+        assert self.stats is not None
+        uploads = self.stats.uploads
+        if opened is not None:
+            uploads.opened(opened, backend.name)
+        elif route.is_session and route.reference:
+            # A closing PUT, a cancelling DELETE, or an error that ends it.
+            if route.method in ("PUT", "DELETE") or status >= 400:
+                uploads.closed(route.reference)
+            else:
+                uploads.touched(route.reference)
 
     def _count_upload(self, route: Route, backend: Backend, status: int) -> None:
         if route.kind is not Kind.UPLOAD:

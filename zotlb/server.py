@@ -47,7 +47,7 @@ class Server:
         self.cfg = cfg
         self.config_path = config_path
         self.metrics = Metrics()
-        self.stats = Stats()
+        self.stats = Stats(on_upload_change=self._on_uploads_change)
         self.proxy: Proxy | None = None
         self._reload_lock = asyncio.Lock()
         self.metrics.info.labels(__version__, cfg.mode).set(1)
@@ -63,6 +63,9 @@ class Server:
         for backend in self.pool.backends:
             self.metrics.up.labels(backend.name).set(1)
             self.metrics.drained.labels(backend.name).set(0)
+
+    def _on_uploads_change(self, backend: str, delta: int) -> None:
+        self.metrics.uploads_open.labels(backend).inc(delta)
 
     def _on_state_change(self, backend: object, state: State, reason: str) -> None:
         name = getattr(backend, "name", "?")

@@ -94,13 +94,85 @@ class HomeTracker:
         return out
 
 
+# An upload session idle this long is taken as abandoned: clients give up on
+# sessions without closing them, and registries expire them too.
+UPLOAD_IDLE_SECONDS = 900.0
+
+
+class UploadTracker:
+    """Upload sessions open now, per backend.
+
+    A session spans many requests, so "in flight" requests fall to zero
+    between a push's PATCHes; this is what tells an operator that a drained
+    backend still has pushes to finish.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, int], None] | None = None,
+        limit: int = 100_000,
+    ) -> None:
+        self._clock = clock
+        self._on_change = on_change
+        self._limit = limit
+        # Session id -> (backend, last seen), least recently seen first.
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def opened(self, session: str, backend: str) -> None:
+        self._expire()
+        if session not in self._sessions:
+            self._changed(backend, 1)
+        self._sessions[session] = (backend, self._clock())
+        self._sessions.move_to_end(session)
+        if len(self._sessions) > self._limit:
+            _, (old_backend, _) = self._sessions.popitem(last=False)
+            self._changed(old_backend, -1)
+
+    def touched(self, session: str) -> None:
+        entry = self._sessions.get(session)
+        if entry is not None:
+            self._sessions[session] = (entry[0], self._clock())
+            self._sessions.move_to_end(session)
+
+    def closed(self, session: str) -> None:
+        entry = self._sessions.pop(session, None)
+        if entry is not None:
+            self._changed(entry[0], -1)
+
+    def counts(self) -> dict[str, int]:
+        self._expire()
+        out: dict[str, int] = {}
+        for backend, _ in self._sessions.values():
+            out[backend] = out.get(backend, 0) + 1
+        return out
+
+    def _expire(self) -> None:
+        oldest = self._clock() - UPLOAD_IDLE_SECONDS
+        while self._sessions:
+            session, (backend, seen) = next(iter(self._sessions.items()))
+            if seen >= oldest:
+                return
+            del self._sessions[session]
+            self._changed(backend, -1)
+
+    def _changed(self, backend: str, delta: int) -> None:
+        if self._on_change is not None:
+            self._on_change(backend, delta)
+
+
 class Stats:
     """Rolling traffic figures per backend."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_upload_change: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._clock = clock
         self.windows: dict[str, Window] = {}
         self.homes = HomeTracker()
+        self.uploads = UploadTracker(clock, on_upload_change)
 
     def window(self, backend: str) -> Window:
         window = self.windows.get(backend)
@@ -117,6 +189,7 @@ class Stats:
 
     def summary(self, backends: list[str]) -> dict[str, dict[str, float]]:
         minute = {name: self.window(name).totals() for name in backends}
+        uploads = self.uploads.counts()
         total = sum(requests for requests, _, _ in minute.values())
         out = {}
         for name in backends:
@@ -129,5 +202,6 @@ class Stats:
                 "error_rate": round(errors / requests, 4) if requests else 0.0,
                 "requests_per_second": round(recent / RATE_SECONDS, 2),
                 "bytes_per_second": round(recent_bytes / RATE_SECONDS, 1),
+                "uploads_in_progress": uploads.get(name, 0),
             }
         return out
