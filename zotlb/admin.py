@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,16 +37,22 @@ def backend_status(backend: Backend, pool: Pool) -> dict[str, object]:
     }
 
 
-def create_admin_app(pool: Pool, metrics: Metrics, started_at: float) -> web.Application:
+def create_admin_app(
+    pool: Pool,
+    metrics: Metrics,
+    started_at: float,
+    extra_status: Callable[[], dict[str, object]] | None = None,
+) -> web.Application:
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "version": __version__,
-                "mode": pool.mode,
-                "uptime_seconds": round(time.time() - started_at, 3),
-                "backends": [backend_status(b, pool) for b in pool.backends],
-            }
-        )
+        body: dict[str, object] = {
+            "version": __version__,
+            "mode": pool.mode,
+            "uptime_seconds": round(time.time() - started_at, 3),
+            "backends": [backend_status(b, pool) for b in pool.backends],
+        }
+        if extra_status is not None:
+            body.update(extra_status())
+        return web.json_response(body)
 
     async def prometheus(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)

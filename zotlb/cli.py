@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import ConfigError, load_config
+from .drift import register as _register_drift
 from .zotcfg import register as _register_zot_config
 
 EXIT_OK = 0
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Further subcommands register themselves here: each takes the subparsers object.
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 _EXTRA_COMMANDS.append(_register_zot_config)
+_EXTRA_COMMANDS.append(_register_drift)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,11 +13,13 @@ from . import __version__
 from .admin import create_admin_app
 from .backends import Pool, State
 from .config import LBConfig, parse_hostport
+from .drift import DriftWatch
 from .health import HealthChecker
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
+from .replication import Replicator
 
 log = get_logger("zotlb.server")
 
@@ -53,6 +55,9 @@ class Server:
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
+        self._repl_session: aiohttp.ClientSession | None = None
+        self.replicator: Replicator | None = None
+        self.drift: DriftWatch | None = None
         for backend in self.pool.backends:
             self.metrics.up.labels(backend.name).set(1)
 
@@ -68,7 +73,8 @@ class Server:
         cfg = self.cfg
         self._session = _new_session(cfg)
         self._health_session = _new_session(cfg, limit=len(cfg.backends) * 2)
-        proxy = Proxy(cfg, self.pool, self.metrics, self._session)
+        self._start_replication()
+        proxy = Proxy(cfg, self.pool, self.metrics, self._session, self.replicator)
 
         handler = web.Server(
             proxy.handle,
@@ -86,7 +92,9 @@ class Server:
 
         if cfg.admin.listen:
             admin = web.AppRunner(
-                create_admin_app(self.pool, self.metrics, self.started_at),
+                create_admin_app(
+                    self.pool, self.metrics, self.started_at, self._extra_status
+                ),
                 handle_signals=False,
                 access_log=None,
                 shutdown_timeout=1.0,
@@ -107,6 +115,35 @@ class Server:
             backends=[b.name for b in self.pool.backends],
         )
 
+    def _start_replication(self) -> None:
+        rcfg = self.cfg.replication
+        if rcfg.mode == "off" and not rcfg.drift_interval:
+            return
+        # Its own session: copies never queue behind client traffic.
+        self._repl_session = _new_session(self.cfg)
+        if rcfg.mode != "off":
+            self.replicator = Replicator(
+                rcfg,
+                self.pool,
+                self._repl_session,
+                self.metrics.registry,
+                self.cfg.timeouts.read,
+            )
+            self.replicator.start()
+        if rcfg.drift_interval:
+            self.drift = DriftWatch(
+                self.pool, self._repl_session, self.metrics.registry, rcfg.drift_interval
+            )
+            self.drift.start()
+
+    def _extra_status(self) -> dict[str, object]:
+        extra: dict[str, object] = {
+            "replication": None if self.replicator is None else self.replicator.status()
+        }
+        if self.drift is not None:
+            extra["drift"] = self.drift.status()
+        return extra
+
     async def stop(self) -> None:
         log.info("server.stopping", grace_seconds=self.cfg.timeouts.shutdown_grace)
         # The proxy listener first: it closes, then in-flight requests get the
@@ -115,7 +152,12 @@ class Server:
             await runner.cleanup()
         if self._health is not None:
             await self._health.stop()
-        for session in (self._session, self._health_session):
+        if self.drift is not None:
+            await self.drift.stop()
+        if self.replicator is not None:
+            # Unfinished jobs stay queued on disk and resume on the next start.
+            await self.replicator.stop()
+        for session in (self._session, self._health_session, self._repl_session):
             if session is not None:
                 await session.close()
         log.info("server.stopped")
