@@ -174,7 +174,8 @@ class Proxy:
         replicator = self.replicator
         if replicator is not None and not replicator.enabled:
             replicator = None
-        if replicator is not None and route.kind is Kind.MANIFEST and route.method == "PUT":
+        is_manifest_put = route.kind is Kind.MANIFEST and route.method == "PUT"
+        if replicator is not None and is_manifest_put:
             out.manifest = bytearray()
 
         for index, backend in enumerate(plan.backends):

@@ -132,7 +132,10 @@ class Server:
             self.replicator.start()
         if rcfg.drift_interval:
             self.drift = DriftWatch(
-                self.pool, self._repl_session, self.metrics.registry, rcfg.drift_interval
+                self.pool,
+                self._repl_session,
+                self.metrics.registry,
+                rcfg.drift_interval,
             )
             self.drift.start()
 
