@@ -211,10 +211,18 @@ class Copier:
                     child.get("mediaType"),
                     _depth + 1,
                 )
-        for blob in blobs:
-            digest = blob.get("digest")
-            if isinstance(digest, str):
-                copied += await self.ensure_blob(sources, target, repo, digest)
+        digests = {d["digest"] for d in blobs if isinstance(d.get("digest"), str)}
+        # Blobs go side by side: each is a few round trips, and the lag a
+        # client's push is exposed for is their sum when done one by one.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.ensure_blob(sources, target, repo, digest))
+                    for digest in sorted(digests)
+                ]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        copied += sum(t.result() for t in tasks)
         await self._put_manifest(target, repo, reference, body, media_type)
         return copied + len(body)
 
