@@ -49,6 +49,7 @@ def test_push_is_copied_to_the_peer_with_identical_digests(
         status, _, body = http("GET", f"{peer.url}/v2/{repo}/blobs/{digest}")
         assert status == 200 and body == data
 
+    wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
     copied = lb.events("replication.copied")
     assert [(e["peer"], e["repo"], e["reference"]) for e in copied] == [
         (peer.name, repo, "v1")
@@ -118,3 +119,170 @@ def test_mode_in_status(registries, zotlb_factory, mode):
     a, b = registries
     lb = zotlb_factory([a, b], replication={"mode": mode})
     assert lb.status()["replication"]["mode"] == mode
+
+
+def _drift_checks_after(lb, since: float) -> list[dict]:
+    return [e for e in lb.events("drift.checked") if e["timestamp"] > since]
+
+
+def test_delete_is_gone_from_both_and_stays_gone_after_drift_watch(
+    registries, zotlb_factory
+):
+    a, b = registries
+    lb = zotlb_factory([a, b], replication={**ASYNC, "drift_interval": "100ms"})
+    repo = "repl/deleted"
+    image = small_image("to-delete")
+    push_small(lb.url, repo, "v1", image)
+    digest = image["digest"]
+    wait_until(
+        lambda: a.has_manifest(repo, digest) and b.has_manifest(repo, digest),
+        10,
+        "the image on both backends",
+    )
+
+    status, _, body = http("DELETE", f"{lb.url}/v2/{repo}/manifests/{digest}")
+    assert status == 202, body
+    wait_until(
+        lambda: not a.has_manifest(repo, digest) and not b.has_manifest(repo, digest),
+        10,
+        "the delete on both backends",
+    )
+    wait_until(lambda: lb.events("replication.deleted"), 5, "the delete logged")
+    deleted = lb.events("replication.deleted")
+    assert [(e["repo"], e["reference"]) for e in deleted] == [(repo, digest)]
+
+    # Two full drift checks that started after the delete: nothing came back,
+    # and the backends count as in sync.
+    from datetime import UTC, datetime
+
+    since = datetime.now(UTC).isoformat()
+    wait_until(lambda: len(_drift_checks_after(lb, since)) >= 2, 10, "drift checks")
+    for reg in (a, b):
+        assert not reg.has_manifest(repo, digest)
+        assert not reg.has_manifest(repo, "v1")
+    assert lb.status()["drift"]["last"]["in_sync"] is True
+    assert manifest_digest(lb.url, repo, "v1") is None
+
+
+def test_bad_replication_config_names_the_key(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "lb.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [{"name": "a", "url": "http://127.0.0.1:1"}],
+                "replication": {"mode": "eventually", "queue_max": 0, "colour": 1},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "zotlb", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for key in ("replication.mode", "replication.queue_max", "replication.colour"):
+        assert key in result.stderr, result.stderr
+
+    # YAML's bare `off` is a boolean: it still means mode off.
+    path.write_text(
+        "backends: [{name: a, url: 'http://127.0.0.1:1'}]\nreplication: {mode: off}\n"
+    )
+    from zotlb.config import load_config
+
+    assert load_config(path).replication.mode == "off"
+
+
+def test_queued_replications_survive_a_zotlb_kill(registries, zotlb_factory, tmp_path):
+    import concurrent.futures
+    import signal
+
+    a, b = registries
+    repl = {**ASYNC, "state_dir": str(tmp_path / "state")}
+    lb = zotlb_factory([a, b], replication=repl)
+    b.kill()
+    wait_until(lambda: lb.backend_state("b") == "down", 10, "b marked down")
+
+    # With b down every push lands on a, and its copy for b waits in the queue.
+    jobs = [(f"queued/r{i % 10}", f"t{i}", small_image(f"q{i}")) for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda job: push_small(lb.url, *job), jobs))
+    assert lb.status()["replication"]["queue_length"] == 50
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    assert metric(text, "zotlb_replication_queue_length") == 50
+    lb.stop(signal.SIGKILL)
+
+    b.start()
+    lb2 = zotlb_factory([a, b], replication=repl)
+
+    def all_on_b() -> bool:
+        return all(b.has_manifest(repo, tag) for repo, tag, _ in jobs)
+
+    wait_until(all_on_b, 30, "all 50 queued copies on b")
+    for repo, tag, image in jobs[:5]:
+        assert manifest_digest(b.url, repo, tag) == image["digest"]
+    assert lb2.events("replication.resumed")[0]["jobs"] == 50
+    wait_until(
+        lambda: lb2.status()["replication"]["queue_length"] == 0, 5, "an empty queue"
+    )
+
+
+def _zotlb_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "zotlb", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_diff_finds_seeded_image_and_repair_fixes_it(registries, zotlb_factory):
+    a, b = registries
+    # Seeded straight into b: a lacks it.
+    seeded = small_image("seeded")
+    push_small(b.url, "seeded/app", "v1", seeded)
+    # The same tag with different content on each: the home backend's wins.
+    split_repo = "split/app"
+    home = home_of(split_repo, ["a", "b"])
+    stray = other(registries, home)
+    versions = {}
+    for reg in (a, b):
+        versions[reg.name] = small_image(f"split-{reg.name}")
+        push_small(reg.url, split_repo, "v1", versions[reg.name])
+
+    lb = zotlb_factory([a, b], replication={**ASYNC, "drift_interval": "100ms"})
+    wait_until(lambda: lb.events("drift.checked"), 10, "a drift check")
+    drift = lb.status()["drift"]["last"]
+    assert drift["in_sync"] is False
+    assert drift["backends"]["a"]["missing_tags"] == ["seeded/app:v1"]
+    assert drift["backends"][stray.name]["differing_tags"] == ["split/app:v1"]
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    assert metric(text, "zotlb_drift_missing_tags", backend="a") == 1
+    assert metric(text, "zotlb_drift_missing_tags", backend="b") == 0
+    assert metric(text, "zotlb_drift_differing_tags", backend=stray.name) == 1
+
+    config = str(lb.config_path)
+    diff = _zotlb_cli("diff", "-c", config)
+    assert diff.returncode == 1, diff.stderr
+    assert "a: 1 missing" in diff.stdout
+    assert "missing  seeded/app:v1" in diff.stdout
+    assert "differs  split/app:v1" in diff.stdout
+
+    dry = _zotlb_cli("repair", "--dry-run", "-c", config)
+    assert dry.returncode == 1, dry.stderr
+    assert "would copy seeded/app:v1" in dry.stdout
+    assert not a.has_manifest("seeded/app", "v1")
+
+    fixed = _zotlb_cli("repair", "-c", config)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert manifest_digest(a.url, "seeded/app", "v1") == seeded["digest"]
+    assert manifest_digest(stray.url, split_repo, "v1") == versions[home]["digest"]
+
+    again = _zotlb_cli("diff", "-c", config)
+    assert again.returncode == 0, again.stdout
+    print(diff.stdout + fixed.stdout)
