@@ -15,6 +15,7 @@ from replhelp import (
     metric,
     push_small,
     put_manifest,
+    repo_homed_on,
     small_image,
 )
 
@@ -286,3 +287,78 @@ def test_diff_finds_seeded_image_and_repair_fixes_it(registries, zotlb_factory):
     again = _zotlb_cli("diff", "-c", config)
     assert again.returncode == 0, again.stdout
     print(diff.stdout + fixed.stdout)
+
+
+def test_failed_copies_back_off_and_complete_when_the_peer_returns(
+    registries, zotlb_factory
+):
+    a, b = registries
+    # Probes every 5 s: zotlb keeps believing b is up, so the copy is tried
+    # against a dead peer and must fail, back off and try again.
+    lb = zotlb_factory(
+        [a, b],
+        health={"interval": "5s"},
+        replication={"mode": "async", "retry_initial": "100ms", "retry_max": "400ms"},
+    )
+    repo = repo_homed_on("a", ["a", "b"], "retry/r")
+    b.kill()
+    image = small_image("retried")
+    push_small(lb.url, repo, "v1", image)
+    wait_until(lambda: len(lb.events("replication.failed")) >= 3, 10, "three failures")
+    b.start()
+    wait_until(lambda: b.has_manifest(repo, "v1"), 10, "the copy after b returned")
+
+    failures = lb.events("replication.failed")
+    assert {f["cause"] for f in failures} == {"connect"}
+    assert [f["attempts"] for f in failures[:3]] == [1, 2, 3]
+    stamps = [f["timestamp"] for f in failures[:3]]
+    assert stamps == sorted(stamps)
+    wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
+    assert lb.events("replication.copied")[0]["attempts"] >= 4
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    assert metric(text, "zotlb_replication_failures_total", cause="connect") >= 3
+    assert metric(text, "zotlb_replication_jobs_total", result="ok") == 1
+
+
+def test_bounded_queue_drops_the_excess_and_a_returning_peer_gets_the_rest(
+    registries, zotlb_factory
+):
+    a, b = registries
+    lb = zotlb_factory([a, b], replication={**ASYNC, "queue_max": 3})
+    b.kill()
+    wait_until(lambda: lb.backend_state("b") == "down", 10, "b marked down")
+    pushed = [(f"bounded/r{i}", small_image(f"bounded{i}")) for i in range(5)]
+    for repo, image in pushed:
+        push_small(lb.url, repo, "v1", image)
+    assert lb.status()["replication"]["backlog"] == {"b": 3}
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    assert metric(text, "zotlb_replication_failures_total", cause="queue_full") == 2
+    assert len(lb.events("replication.dropped")) == 2
+
+    b.start()
+    wait_until(
+        lambda: all(b.has_manifest(r, "v1") for r, _ in pushed[:3]), 10, "the backlog"
+    )
+    assert not any(b.has_manifest(r, "v1") for r, _ in pushed[3:])
+
+
+def test_blob_the_peer_holds_elsewhere_is_mounted_not_copied(registries, zotlb_factory):
+    a, b = registries
+    lb = zotlb_factory([a, b], replication=ASYNC)
+    first = repo_homed_on("a", ["a", "b"], "mount/r")
+    second = repo_homed_on("a", ["a", "b"], "mount/r", int(first[7:]) + 1)
+    image = small_image("shared")
+    push_small(lb.url, first, "v1", image)
+    wait_until(lambda: b.has_manifest(first, "v1"), 10, "the first copy")
+    push_small(lb.url, second, "v1", image)
+    wait_until(lambda: b.has_manifest(second, "v1"), 10, "the second copy")
+    wait_until(lambda: len(lb.events("replication.copied")) == 2, 5, "copies logged")
+
+    one, two = lb.events("replication.copied")
+    blob_bytes = sum(len(x) for x in image["blobs"])
+    assert one["bytes"] == blob_bytes + len(image["manifest"])
+    # Only the manifest moved the second time: both blobs were mounted.
+    assert two["bytes"] == len(image["manifest"])
+    for blob in image["blobs"]:
+        status, _, body = http("GET", f"{b.url}/v2/{second}/blobs/{digest_of(blob)}")
+        assert status == 200 and body == blob

@@ -189,11 +189,18 @@ class Copier:
         reference: str,
         body: bytes | None = None,
         media_type: str | None = None,
+        digest: str | None = None,
         _depth: int = 0,
     ) -> int:
-        """Copy a manifest and everything it refers to; returns bytes copied."""
+        """Copy a manifest and everything it refers to; returns bytes copied.
+
+        Without body, the manifest is read from the sources by digest when
+        known (a tag may have moved on since), else by reference.
+        """
         if body is None:
-            body, fetched_type, _ = await self.fetch_manifest(sources, repo, reference)
+            body, fetched_type, _ = await self.fetch_manifest(
+                sources, repo, digest or reference
+            )
             media_type = media_type or fetched_type
         children, blobs = manifest_children(body, media_type)
         copied = 0
@@ -209,7 +216,7 @@ class Copier:
                     digest,
                     None,
                     child.get("mediaType"),
-                    _depth + 1,
+                    _depth=_depth + 1,
                 )
         digests = {d["digest"] for d in blobs if isinstance(d.get("digest"), str)}
         # Blobs go side by side: each is a few round trips, and the lag a
@@ -582,6 +589,7 @@ class Replicator:
                     job.reference,
                     job.body,
                     job.media_type,
+                    job.digest,
                 )
             else:
                 copied = 0
