@@ -19,8 +19,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import lb_config, make_registry, start_zotlb  # noqa: E402
-from replhelp import push_small, small_image  # noqa: E402
+from conftest import lb_config, make_registry, start_zotlb
+from replhelp import push_small, small_image
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -32,7 +32,9 @@ def percentile(values: list[float], p: float) -> float:
 def measure(lb: Any, pushes: int = 200, concurrency: int = 4) -> dict[str, float]:
     """Push `pushes` small images through a running zotlb; lag figures in ms."""
     before = len(lb.events("replication.copied"))
-    images = [(f"lag/repo{i % 20}", f"t{i}", small_image(f"lag{i}")) for i in range(pushes)]
+    images = [
+        (f"lag/repo{i % 20}", f"t{i}", small_image(f"lag{i}")) for i in range(pushes)
+    ]
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda job: push_small(lb.url, *job), images))

@@ -68,7 +68,9 @@ def put_manifest(
 def small_image(label: str, subject: dict[str, Any] | None = None) -> dict[str, Any]:
     """Blobs and manifest bytes of a tiny unique image."""
     layer = os.urandom(256)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "label": label}).encode()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "label": label}
+    ).encode()
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
@@ -94,7 +96,7 @@ def push_small(base: str, repo: str, tag: str, image: dict[str, Any]) -> None:
 
 
 def manifest_digest(base: str, repo: str, ref: str) -> str | None:
-    status, headers, body = http("GET", f"{base}/v2/{repo}/manifests/{ref}", ACCEPT)
+    status, _, body = http("GET", f"{base}/v2/{repo}/manifests/{ref}", ACCEPT)
     if status != 200:
         return None
     return digest_of(body)

@@ -238,7 +238,10 @@ def _zotlb_cli(*args: str):
     import sys
 
     return subprocess.run(
-        [sys.executable, "-m", "zotlb", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "zotlb", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -289,34 +292,39 @@ def test_diff_finds_seeded_image_and_repair_fixes_it(registries, zotlb_factory):
     print(diff.stdout + fixed.stdout)
 
 
-def test_failed_copies_back_off_and_complete_when_the_peer_returns(
+def test_failed_copies_back_off_and_complete_when_the_source_returns(
     registries, zotlb_factory
 ):
     a, b = registries
-    # Probes every 5 s: zotlb keeps believing b is up, so the copy is tried
-    # against a dead peer and must fail, back off and try again.
     lb = zotlb_factory(
         [a, b],
-        health={"interval": "5s"},
         replication={"mode": "async", "retry_initial": "100ms", "retry_max": "400ms"},
     )
     repo = repo_homed_on("a", ["a", "b"], "retry/r")
+    # The copy waits while b is down; then a (its only source) dies before b
+    # returns, so every attempt fails until a is back.
     b.kill()
-    image = small_image("retried")
-    push_small(lb.url, repo, "v1", image)
-    wait_until(lambda: len(lb.events("replication.failed")) >= 3, 10, "three failures")
+    wait_until(lambda: lb.backend_state("b") == "down", 10, "b marked down")
+    push_small(lb.url, repo, "v1", small_image("retried"))
+    a.kill()
     b.start()
-    wait_until(lambda: b.has_manifest(repo, "v1"), 10, "the copy after b returned")
+    wait_until(lambda: len(lb.events("replication.failed")) >= 3, 10, "three failures")
+    a.start()
+    wait_until(lambda: b.has_manifest(repo, "v1"), 10, "the copy after a returned")
 
-    failures = lb.events("replication.failed")
-    assert {f["cause"] for f in failures} == {"connect"}
-    assert [f["attempts"] for f in failures[:3]] == [1, 2, 3]
-    stamps = [f["timestamp"] for f in failures[:3]]
-    assert stamps == sorted(stamps)
     wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
-    assert lb.events("replication.copied")[0]["attempts"] >= 4
+    failures = lb.events("replication.failed")
+    assert {f["cause"] for f in failures} == {"source_missing"}
+    assert [f["attempts"] for f in failures[:3]] == [1, 2, 3]
+    # Backoff: the second wait (about 200 ms) is longer than the first (100 ms).
+    from datetime import datetime
+
+    at = [datetime.fromisoformat(f["timestamp"]) for f in failures[:3]]
+    assert (at[2] - at[1]) > (at[1] - at[0])
+    wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
+    assert lb.events("replication.copied")[0]["attempts"] == len(failures) + 1
     text = http("GET", lb.admin + "/metrics")[2].decode()
-    assert metric(text, "zotlb_replication_failures_total", cause="connect") >= 3
+    assert metric(text, "zotlb_replication_failures_total", cause="source_missing") >= 3
     assert metric(text, "zotlb_replication_jobs_total", result="ok") == 1
 
 
@@ -333,7 +341,7 @@ def test_bounded_queue_drops_the_excess_and_a_returning_peer_gets_the_rest(
     assert lb.status()["replication"]["backlog"] == {"b": 3}
     text = http("GET", lb.admin + "/metrics")[2].decode()
     assert metric(text, "zotlb_replication_failures_total", cause="queue_full") == 2
-    assert len(lb.events("replication.dropped")) == 2
+    wait_until(lambda: len(lb.events("replication.dropped")) == 2, 5, "drops logged")
 
     b.start()
     wait_until(
@@ -362,3 +370,47 @@ def test_blob_the_peer_holds_elsewhere_is_mounted_not_copied(registries, zotlb_f
     for blob in image["blobs"]:
         status, _, body = http("GET", f"{b.url}/v2/{second}/blobs/{digest_of(blob)}")
         assert status == 200 and body == blob
+
+
+def test_sync_waits_for_a_peer_but_not_forever_nor_for_a_dead_one(
+    registries, zotlb_factory
+):
+    import signal
+    import time
+
+    a, b = registries
+    lb = zotlb_factory(
+        [a, b],
+        health={"interval": "5s"},
+        replication={"mode": "sync", "sync_timeout": "300ms", "retry_initial": "1s"},
+    )
+    wait_until(
+        lambda: all(x["last_probe"] for x in lb.status()["backends"]), 5, "probes"
+    )
+    repo = repo_homed_on("a", ["a", "b"], "sync/r")
+
+    # A frozen peer accepts connections and never answers: the PUT waits for
+    # it no longer than sync_timeout, and the image is still acknowledged.
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    push_small(lb.url, repo, "v1", small_image("sync-timeout"))
+    waited = time.monotonic() - started
+    b.proc.send_signal(signal.SIGCONT)
+    assert waited >= 0.3
+    wait_until(lambda: lb.events("replication.sync.timeout"), 5, "timeout logged")
+    assert lb.events("replication.sync.timeout")[0]["repo"] == repo
+    wait_until(lambda: b.has_manifest(repo, "v1"), 10, "the copy once b thawed")
+
+    # A dead peer: the copy's refused connection takes b out, and the PUT
+    # stops waiting for it; the next PUT has no live peer to wait for.
+    b.kill()
+    push_small(lb.url, repo, "v2", small_image("sync-peer-down"))
+    assert lb.backend_state("b") == "down"
+    push_small(lb.url, repo, "v3", small_image("sync-no-peer"))
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    waits = {
+        outcome: metric(text, "zotlb_replication_sync_waits_total", outcome=outcome)
+        for outcome in ("timeout", "peer_down", "no_peer", "replicated")
+    }
+    assert waits == {"timeout": 1, "peer_down": 1, "no_peer": 1, "replicated": 0}

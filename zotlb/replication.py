@@ -513,8 +513,17 @@ class Replicator:
         for job in live:
             self._waiters[job.id] = waiter
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.cfg.sync_timeout)
-            self.metrics.sync_waits.labels("replicated").inc()
+            replicated = await asyncio.wait_for(
+                asyncio.shield(waiter.future), self.cfg.sync_timeout
+            )
+            outcome = "replicated" if replicated else "peer_down"
+            self.metrics.sync_waits.labels(outcome).inc()
+            if not replicated:
+                log.warning(
+                    "replication.sync.peer_down",
+                    repo=live[0].repo,
+                    reference=live[0].reference,
+                )
         except TimeoutError:
             self.metrics.sync_waits.labels("timeout").inc()
             log.warning(
@@ -597,6 +606,9 @@ class Replicator:
         except ReplicationFailed as exc:
             self._failed(job, exc.cause, str(exc), exc.permanent)
         except aiohttp.ClientConnectorError as exc:
+            # Sources' errors are caught in the copier: this is the peer. Take
+            # it out as the proxy would; the probes bring it back.
+            self.pool.mark_down(target, f"replication connect failed: {exc}")
             self._failed(job, "connect", str(exc), False)
         except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
             cause = "timeout" if isinstance(exc, TimeoutError) else "broken"
@@ -635,6 +647,9 @@ class Replicator:
         if permanent:
             self._finish(job, "failed")
             return
+        if not self.pool.by_name[job.target].is_up():
+            # A sync push stops waiting for a peer that is gone.
+            self._settle(job, False)
         delay = min(
             self.cfg.retry_max, self.cfg.retry_initial * 2 ** min(job.attempts, 20)
         )
