@@ -414,3 +414,40 @@ def test_sync_waits_for_a_peer_but_not_forever_nor_for_a_dead_one(
         for outcome in ("timeout", "peer_down", "no_peer", "replicated")
     }
     assert waits == {"timeout": 1, "peer_down": 1, "no_peer": 1, "replicated": 0}
+
+
+@needs_skopeo
+def test_oras_sbom_referrer_follows_its_image(
+    registries, zotlb_factory, image_factory, tmp_path, monkeypatch
+):
+    oras_client = pytest.importorskip("oras.client")
+    from oras.oci import Subject
+
+    a, b = registries
+    lb = zotlb_factory([a, b], replication=ASYNC)
+    repo = "repl/signed"
+    img = image_factory("signed")
+    assert push(img, f"{lb.hostport}/{repo}:signed").returncode == 0
+
+    (tmp_path / "sbom.json").write_text('{"packages": ["zotlb"]}')
+    monkeypatch.chdir(tmp_path)
+    client = oras_client.OrasClient(hostname=lb.hostport, insecure=True)
+    subject = Subject(
+        "application/vnd.oci.image.manifest.v1+json",
+        img.manifest_digest,
+        len(img.manifest),
+    )
+    response = client.push(
+        files=["sbom.json"], target=f"{lb.hostport}/{repo}:sbom", subject=subject
+    )
+    assert response.status_code == 201
+
+    peer = other(registries, home_of(repo, ["a", "b"]))
+    wait_until(lambda: peer.has_manifest(repo, "sbom"), 10, "the SBOM on the peer")
+    status, _, body = http("GET", f"{peer.url}/v2/{repo}/manifests/sbom", ACCEPT)
+    assert status == 200
+    assert json.loads(body)["subject"]["digest"] == img.manifest_digest
+    assert manifest_digest(peer.url, repo, "sbom") == manifest_digest(
+        lb.url, repo, "sbom"
+    )
+    assert peer.has_manifest(repo, img.manifest_digest)
