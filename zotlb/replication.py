@@ -136,10 +136,16 @@ class Copier:
         session: aiohttp.ClientSession,
         metrics: ReplicationMetrics | None = None,
         read_timeout: float = 300.0,
+        connect_timeout: float = 5.0,
     ) -> None:
         self.session = session
         self.metrics = metrics
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout,
+        )
         # Per peer: digest -> a repository the peer is known to hold it in,
         # for cross-repository mounts. Bounded, oldest forgotten first.
         self._seen: dict[str, OrderedDict[str, str]] = {}
@@ -368,11 +374,12 @@ class Replicator:
         session: aiohttp.ClientSession,
         registry: CollectorRegistry,
         read_timeout: float = 300.0,
+        connect_timeout: float = 5.0,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.metrics = ReplicationMetrics(registry)
-        self.copier = Copier(session, self.metrics, read_timeout)
+        self.copier = Copier(session, self.metrics, read_timeout, connect_timeout)
         self.queue = JobQueue(cfg.state_dir, cfg.queue_max)
         self.metrics.queue_length.set(len(self.queue))
         self._wake = asyncio.Event()

@@ -128,6 +128,7 @@ class Server:
                 self._repl_session,
                 self.metrics.registry,
                 self.cfg.timeouts.read,
+                self.cfg.timeouts.connect,
             )
             self.replicator.start()
         if rcfg.drift_interval:
