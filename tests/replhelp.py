@@ -10,7 +10,7 @@ from typing import Any
 from conftest import http
 from ocilayout import CONFIG_TYPE, LAYER_TYPE, MANIFEST_TYPE
 
-from zotlb.backends import _score
+from zotlb.backends import rendezvous_order
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 ACCEPT = {
@@ -26,7 +26,7 @@ def digest_of(data: bytes) -> str:
 
 def home_of(repo: str, names: list[str]) -> str:
     """The backend the proxy writes repo to while all are up."""
-    return max(names, key=lambda name: _score(name, repo))
+    return rendezvous_order(names, repo)[0]
 
 
 def repo_homed_on(name: str, names: list[str], prefix: str, start: int = 0) -> str:

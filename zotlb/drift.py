@@ -18,7 +18,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from yarl import URL
 
-from .backends import Backend, Pool, _score
+from .backends import Backend, Pool, rendezvous_order
 from .logs import get as get_logger
 from .replication import MANIFEST_ACCEPT, Copier, ReplicationFailed
 
@@ -128,7 +128,7 @@ async def snapshot(session: aiohttp.ClientSession, backend: Backend) -> Snapshot
 
 def _home(repo: str, holders: list[str]) -> str:
     # The same rendezvous order the proxy writes by, over the holders only.
-    return max(holders, key=lambda name: _score(name, repo))
+    return rendezvous_order(holders, repo)[0]
 
 
 def compare(snapshots: dict[str, Snapshot], order: list[str]) -> DriftReport:

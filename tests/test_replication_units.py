@@ -1,10 +1,13 @@
-"""The sqlite job queue on its own: lanes, retries, persistence, the bound."""
+"""Replication parts on their own: the sqlite queue, manifest walking."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from zotlb.queue import Job, JobQueue, Op, QueueFull
+from zotlb.replication import ReplicationFailed, manifest_children
 
 
 def job(repo: str, ref: str, target: str = "b", op: Op = Op.PUT) -> Job:
@@ -50,3 +53,24 @@ def test_the_bound_refuses_new_jobs(tmp_path):
         queue.add(job("r3", "v1"))
     assert len(queue) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_manifest_children_of_an_image_an_index_and_an_artifact():
+    layer = {"mediaType": "l", "digest": "sha256:l", "size": 1}
+    config = {"mediaType": "c", "digest": "sha256:c", "size": 1}
+    image = json.dumps({"config": config, "layers": [layer]}).encode()
+    assert manifest_children(image, "application/vnd.oci.image.manifest.v1+json") == (
+        [],
+        [config, layer],
+    )
+    child = {"mediaType": "m", "digest": "sha256:m", "size": 1}
+    index = json.dumps(
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [child]}
+    ).encode()
+    assert manifest_children(index, None) == ([child], [])
+    artifact = json.dumps({"blobs": [layer], "subject": child}).encode()
+    # The subject is not copied along: it is the image the referrer points at.
+    assert manifest_children(artifact, None) == ([], [layer])
+    with pytest.raises(ReplicationFailed) as info:
+        manifest_children(b"not json", None)
+    assert info.value.permanent and info.value.cause == "bad_manifest"
