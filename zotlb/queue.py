@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -172,7 +173,7 @@ class JobQueue:
         return counts
 
 
-def _from_row(row: tuple[object, ...]) -> Job:
+def _from_row(row: tuple[Any, ...]) -> Job:
     (
         id_,
         op,
@@ -194,12 +195,12 @@ def _from_row(row: tuple[object, ...]) -> Job:
         reference=str(ref),
         digest=None if digest is None else str(digest),
         media_type=None if media_type is None else str(media_type),
-        body=None if body is None else bytes(body),  # type: ignore[arg-type]
+        body=None if body is None else bytes(body),
         source=str(source),
         target=str(target),
-        attempts=int(attempts),  # type: ignore[call-overload]
-        next_at=float(next_at),  # type: ignore[arg-type]
-        created_at=float(created_at),  # type: ignore[arg-type]
+        attempts=int(attempts),
+        next_at=float(next_at),
+        created_at=float(created_at),
         last_error=None if last_error is None else str(last_error),
-        id=int(id_),  # type: ignore[call-overload]
+        id=int(id_),
     )

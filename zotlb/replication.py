@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -107,9 +108,12 @@ def _join(backend: Backend, location: str) -> URL:
     return URL(backend.origin).join(URL(location, encoded=True))
 
 
+Descriptor = dict[str, Any]
+
+
 def manifest_children(
     body: bytes, media_type: str | None
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[Descriptor], list[Descriptor]]:
     """(child manifests, blobs) a manifest refers to, as descriptors."""
     try:
         doc = json.loads(body)
@@ -280,7 +284,8 @@ class Copier:
                 return 0
 
         uploads = f"{target.origin}/v2/{repo}/blobs/uploads/"
-        elsewhere = self._seen.get(target.name, {}).get(digest)
+        seen = self._seen.get(target.name)
+        elsewhere = seen.get(digest) if seen is not None else None
         params = {"mount": digest, "from": elsewhere} if elsewhere else None
         async with self.session.post(
             uploads, params=params, timeout=self.timeout
