@@ -451,3 +451,48 @@ def test_oras_sbom_referrer_follows_its_image(
         lb.url, repo, "sbom"
     )
     assert peer.has_manifest(repo, img.manifest_digest)
+
+
+async def test_blob_from_a_source_without_length_is_streamed_chunked(registries):
+    import os
+
+    import aiohttp
+    from aiohttp import web
+    from conftest import free_port
+    from yarl import URL
+
+    from zotlb.backends import Backend
+    from zotlb.replication import Copier
+
+    a, _ = registries
+    data = os.urandom(3 * 256 * 1024 + 7)
+    digest = digest_of(data)
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(data), 100_000):
+            await resp.write(data[i : i + 100_000])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v2/chunked/blob/blobs/{digest}", blob)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    source = Backend("src", URL(f"http://127.0.0.1:{port}"))
+    target = Backend("a", URL(a.url))
+    try:
+        async with aiohttp.ClientSession() as session:
+            copier = Copier(session)
+            copied = await copier.ensure_blob([source], target, "chunked/blob", digest)
+            # Present now: a second call finds it with the HEAD and copies nothing.
+            again = await copier.ensure_blob([source], target, "chunked/blob", digest)
+    finally:
+        await runner.cleanup()
+    assert (copied, again) == (len(data), 0)
+    status, _, body = http("GET", f"{a.url}/v2/chunked/blob/blobs/{digest}")
+    assert status == 200 and body == data

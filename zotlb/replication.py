@@ -323,30 +323,30 @@ class Copier:
                 "source_missing", f"{source.name}: {type(exc).__name__}: {exc}"
             ) from None
         async with src:
-            if src.status != 200 or src.content_length is None:
+            if src.status != 200:
                 raise ReplicationFailed(
                     "source_missing", f"{source.name} answered {src.status}"
                 )
-            size = src.content_length
+            counted = 0
 
             async def body() -> AsyncIterator[bytes]:
+                nonlocal counted
                 while chunk := await src.content.read(_CHUNK):
+                    counted += len(chunk)
                     yield chunk
 
-            # A monolithic PUT with a known length: one request, no buffering.
+            # Streamed straight through, never held: a monolithic PUT with the
+            # source's length, or chunked when the source sends none.
+            headers = {"Content-Type": "application/octet-stream"}
+            if src.content_length is not None:
+                headers["Content-Length"] = str(src.content_length)
             put_url = location.update_query({"digest": digest})
             async with self.session.put(
-                put_url,
-                data=body(),
-                headers={
-                    "Content-Length": str(size),
-                    "Content-Type": "application/octet-stream",
-                },
-                timeout=self.timeout,
+                put_url, data=body(), headers=headers, timeout=self.timeout
             ) as resp:
                 if resp.status != 201:
                     _raise_for(resp.status, f"blob PUT to {target.name}")
-        return size
+        return counted
 
     async def _abandon(self, location: URL) -> None:
         try:
