@@ -496,3 +496,41 @@ async def test_blob_from_a_source_without_length_is_streamed_chunked(registries)
     assert (copied, again) == (len(data), 0)
     status, _, body = http("GET", f"{a.url}/v2/chunked/blob/blobs/{digest}")
     assert status == 200 and body == data
+
+
+@needs_skopeo
+def test_active_passive_standby_holds_the_primarys_pushes(
+    registries, zotlb_factory, image_factory, tmp_path
+):
+    a, b = registries
+    lb = zotlb_factory([a, b], mode="active-passive", replication=ASYNC)
+    img = image_factory("ap")
+    assert push(img, f"{lb.hostport}/ap/replicated:ap").returncode == 0
+    wait_until(lambda: b.has_manifest("ap/replicated", "ap"), 10, "copy on standby")
+    a.kill()
+    got = pull(f"{lb.hostport}/ap/replicated:ap", tmp_path / "p", "ap")
+    assert got == img.manifest_digest
+
+
+def test_diff_names_an_unreachable_backend(registries, tmp_path):
+    import yaml
+    from conftest import free_port
+
+    a, _ = registries
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [
+                    {"name": "a", "url": a.url},
+                    {"name": "gone", "url": f"http://127.0.0.1:{free_port()}"},
+                ]
+            }
+        )
+    )
+    result = _zotlb_cli("diff", "-c", str(config))
+    assert result.returncode == 1
+    assert "gone: unreachable" in result.stdout
+    assert "Traceback" not in result.stderr
+    repair = _zotlb_cli("repair", "-c", str(config))
+    assert repair.returncode == 1 and "gone: unreachable" in repair.stdout
