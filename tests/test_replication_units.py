@@ -74,3 +74,40 @@ def test_manifest_children_of_an_image_an_index_and_an_artifact():
     with pytest.raises(ReplicationFailed) as info:
         manifest_children(b"not json", None)
     assert info.value.permanent and info.value.cause == "bad_manifest"
+
+
+def test_unusable_state_dir_stops_zotlb_with_a_clear_error(tmp_path):
+    import json as json_
+    import subprocess
+    import sys
+
+    import yaml
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "admin": {"listen": None},
+                "log": {"format": "json"},
+                "backends": [{"name": "a", "url": "http://127.0.0.1:1"}],
+                "replication": {"state_dir": str(blocker / "state")},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "zotlb", "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    failed = [
+        json_.loads(line)
+        for line in result.stderr.splitlines()
+        if '"server.failed"' in line
+    ]
+    assert failed and "replication queue" in failed[0]["error"]

@@ -79,6 +79,10 @@ class QueueFull(Exception):
     pass
 
 
+class QueueUnusable(OSError):
+    """The state directory or its database cannot be opened."""
+
+
 class JobQueue:
     """Pending replications, oldest first within each (peer, repository) lane."""
 
@@ -86,19 +90,24 @@ class JobQueue:
         if state_dir is None:
             self.path = ":memory:"
         else:
-            Path(state_dir).mkdir(parents=True, exist_ok=True)
             self.path = str(Path(state_dir) / "replication.sqlite")
         self.limit = limit
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (the case we promise);
-        # only a power loss can take the last commits.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
         self.jobs: dict[int, Job] = {}
         self._lanes: dict[tuple[str, str], deque[int]] = {}
-        for row in self._db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY id"):
-            self._remember(_from_row(row))
+        try:
+            if state_dir is not None:
+                Path(state_dir).mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash (the case we
+            # promise); only a power loss can take the last commits.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY id")
+            for row in rows:
+                self._remember(_from_row(row))
+        except (OSError, sqlite3.Error) as exc:
+            raise QueueUnusable(f"replication queue {self.path}: {exc}") from None
 
     def __len__(self) -> int:
         return len(self.jobs)
