@@ -314,7 +314,7 @@ def test_failed_copies_back_off_and_complete_when_the_source_returns(
 
     wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
     failures = lb.events("replication.failed")
-    assert {f["cause"] for f in failures} == {"source_missing"}
+    assert {f["cause"] for f in failures} == {"source_down"}
     assert [f["attempts"] for f in failures[:3]] == [1, 2, 3]
     # Backoff: the second wait (about 200 ms) is longer than the first (100 ms).
     from datetime import datetime
@@ -324,7 +324,7 @@ def test_failed_copies_back_off_and_complete_when_the_source_returns(
     wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
     assert lb.events("replication.copied")[0]["attempts"] == len(failures) + 1
     text = http("GET", lb.admin + "/metrics")[2].decode()
-    assert metric(text, "zotlb_replication_failures_total", cause="source_missing") >= 3
+    assert metric(text, "zotlb_replication_failures_total", cause="source_down") >= 3
     assert metric(text, "zotlb_replication_jobs_total", result="ok") == 1
 
 
@@ -534,3 +534,30 @@ def test_diff_names_an_unreachable_backend(registries, tmp_path):
     assert "Traceback" not in result.stderr
     repair = _zotlb_cli("repair", "-c", str(config))
     assert repair.returncode == 1 and "gone: unreachable" in repair.stdout
+
+
+def test_copy_whose_source_lost_the_image_gives_up_and_unblocks_its_lane(
+    registries, zotlb_factory
+):
+    a, b = registries
+    lb = zotlb_factory([a, b], replication=ASYNC)
+    repo = "repl/lost"
+    b.kill()
+    wait_until(lambda: lb.backend_state("b") == "down", 10, "b marked down")
+    lost, kept = small_image("lost"), small_image("kept")
+    push_small(lb.url, repo, "lost", lost)
+    push_small(lb.url, repo, "kept", kept)
+    # The first image's layer vanishes from its only source behind zotlb's back.
+    layer = digest_of(lost["blobs"][1])
+    assert http("DELETE", f"{a.url}/v2/{repo}/blobs/{layer}")[0] == 202
+
+    b.start()
+    wait_until(lambda: b.has_manifest(repo, "kept"), 10, "the second copy")
+    assert not b.has_manifest(repo, "lost")
+    wait_until(lambda: lb.events("replication.copied"), 5, "the copy logged")
+    failures = lb.events("replication.failed")
+    assert [f["cause"] for f in failures] == ["source_missing"] * 5
+    assert failures[-1]["permanent"] is True
+    text = http("GET", lb.admin + "/metrics")[2].decode()
+    assert metric(text, "zotlb_replication_jobs_total", result="failed") == 1
+    assert metric(text, "zotlb_replication_jobs_total", result="ok") == 1

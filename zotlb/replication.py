@@ -50,6 +50,11 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 _CHUNK = 256 * 1024
+# Source failures: unreachable (wait for it, however long) or answering 404
+# (the image went away: give up after a few tries rather than block the lane).
+SOURCE_DOWN = "source_down"
+SOURCE_MISSING = "source_missing"
+MISSING_ATTEMPTS = 5
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -170,7 +175,7 @@ class Copier:
     async def fetch_manifest(
         self, sources: list[Backend], repo: str, reference: str
     ) -> tuple[bytes, str | None, Backend]:
-        last = "no source backend"
+        last, cause = "no source backend", SOURCE_DOWN
         for source in sources:
             url = URL(f"{source.origin}/v2/{repo}/manifests/{reference}", encoded=True)
             try:
@@ -180,9 +185,11 @@ class Copier:
                     if resp.status == 200:
                         return await resp.read(), resp.content_type, source
                     last = f"{source.name} answered {resp.status}"
+                    if resp.status == 404:
+                        cause = SOURCE_MISSING
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = f"{source.name}: {type(exc).__name__}: {exc}"
-        raise ReplicationFailed("source_missing", f"manifest {reference}: {last}")
+        raise ReplicationFailed(cause, f"manifest {reference}: {last}")
 
     async def has_manifest(self, target: Backend, repo: str, reference: str) -> bool:
         url = URL(f"{target.origin}/v2/{repo}/manifests/{reference}", encoded=True)
@@ -297,20 +304,22 @@ class Copier:
                 _raise_for(resp.status, f"upload open on {target.name}")
             location = _join(target, resp.headers["Location"])
 
-        last = "no source backend"
+        last, cause = "no source backend", SOURCE_DOWN
         for source in sources:
             try:
                 size = await self._stream(source, target, repo, digest, location)
             except ReplicationFailed as exc:
-                if exc.cause != "source_missing":
+                if exc.cause not in (SOURCE_DOWN, SOURCE_MISSING):
                     raise
                 last = str(exc)
+                if exc.cause == SOURCE_MISSING:
+                    cause = SOURCE_MISSING
                 continue
             self._remember(target, digest, repo)
             self._count(target, size)
             return size
         await self._abandon(location)
-        raise ReplicationFailed("source_missing", f"blob {digest}: {last}")
+        raise ReplicationFailed(cause, f"blob {digest}: {last}")
 
     async def _stream(
         self, source: Backend, target: Backend, repo: str, digest: str, location: URL
@@ -320,12 +329,13 @@ class Copier:
             src = await self.session.get(src_url, timeout=self.timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ReplicationFailed(
-                "source_missing", f"{source.name}: {type(exc).__name__}: {exc}"
+                SOURCE_DOWN, f"{source.name}: {type(exc).__name__}: {exc}"
             ) from None
         async with src:
             if src.status != 200:
                 raise ReplicationFailed(
-                    "source_missing", f"{source.name} answered {src.status}"
+                    SOURCE_MISSING if src.status == 404 else SOURCE_DOWN,
+                    f"{source.name} answered {src.status}",
                 )
             counted = 0
 
@@ -644,6 +654,8 @@ class Replicator:
             self._wake.set()
 
     def _failed(self, job: Job, cause: str, error: str, permanent: bool) -> None:
+        if cause == SOURCE_MISSING and job.attempts + 1 >= MISSING_ATTEMPTS:
+            permanent = True
         self.metrics.failures.labels(job.target, cause).inc()
         log.warning(
             "replication.failed",
