@@ -34,9 +34,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT
 )
 """
+# Bodies stay on disk until their job runs: a full queue of big manifests
+# must not sit in memory.
 _COLUMNS = (
-    "id, op, repo, reference, digest, media_type, body, source, target, "
-    "attempts, next_at, created_at, last_error"
+    "id, op, repo, reference, digest, media_type, body IS NOT NULL, source, "
+    "target, attempts, next_at, created_at, last_error"
 )
 
 
@@ -61,6 +63,7 @@ class Job:
     created_at: float = 0.0
     last_error: str | None = None
     id: int = 0
+    has_body: bool = False
 
     @property
     def lane(self) -> tuple[str, str]:
@@ -146,8 +149,18 @@ class JobQueue:
         )
         assert cursor.lastrowid is not None
         job.id = cursor.lastrowid
+        job.has_body, job.body = job.body is not None, None
         self._remember(job)
         return job
+
+    def load_body(self, job: Job) -> bytes | None:
+        """The manifest bytes a job was queued with, if any."""
+        if not job.has_body:
+            return None
+        row = self._db.execute(
+            "SELECT body FROM jobs WHERE id = ?", (job.id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def done(self, job: Job) -> None:
         self._db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
@@ -190,7 +203,7 @@ def _from_row(row: tuple[Any, ...]) -> Job:
         ref,
         digest,
         media_type,
-        body,
+        has_body,
         source,
         target,
         attempts,
@@ -204,7 +217,7 @@ def _from_row(row: tuple[Any, ...]) -> Job:
         reference=str(ref),
         digest=None if digest is None else str(digest),
         media_type=None if media_type is None else str(media_type),
-        body=None if body is None else bytes(body),
+        body=None,
         source=str(source),
         target=str(target),
         attempts=int(attempts),
@@ -212,4 +225,5 @@ def _from_row(row: tuple[Any, ...]) -> Job:
         created_at=float(created_at),
         last_error=None if last_error is None else str(last_error),
         id=int(id_),
+        has_body=bool(has_body),
     )

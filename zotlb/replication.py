@@ -618,7 +618,7 @@ class Replicator:
                     target,
                     job.repo,
                     job.reference,
-                    job.body,
+                    self.queue.load_body(job),
                     job.media_type,
                     job.digest,
                 )
