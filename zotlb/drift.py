@@ -27,6 +27,7 @@ log = get_logger("zotlb.drift")
 # repo -> tag -> manifest digest
 Snapshot = dict[str, dict[str, str]]
 _PAGE = 1000
+_CONCURRENCY = 8
 
 
 class DriftError(Exception):
@@ -103,10 +104,14 @@ async def _paged(
 
 
 async def _tag_digest(
-    session: aiohttp.ClientSession, backend: Backend, repo: str, tag: str
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    repo: str,
+    tag: str,
+    limit: asyncio.Semaphore,
 ) -> str | None:
     url = URL(f"{backend.origin}/v2/{repo}/manifests/{tag}", encoded=True)
-    async with session.head(url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+    async with limit, session.head(url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
         if resp.status != 200:
             return None
         return resp.headers.get("Docker-Content-Digest")
@@ -115,10 +120,13 @@ async def _tag_digest(
 async def snapshot(session: aiohttp.ClientSession, backend: Backend) -> Snapshot:
     """Every repository's tags and their digests on one backend."""
     out: Snapshot = {}
+    # A few HEADs at a time per backend: a repository with thousands of tags
+    # must not open thousands of connections.
+    limit = asyncio.Semaphore(_CONCURRENCY)
     for repo in await _paged(session, backend, "/v2/_catalog", "repositories"):
         tags = await _paged(session, backend, f"/v2/{repo}/tags/list", "tags")
         digests = await asyncio.gather(
-            *(_tag_digest(session, backend, repo, t) for t in tags)
+            *(_tag_digest(session, backend, repo, t, limit) for t in tags)
         )
         entries = {t: d for t, d in zip(tags, digests, strict=True) if d}
         if entries:
