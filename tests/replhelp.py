@@ -36,16 +36,19 @@ def repo_homed_on(name: str, names: list[str], prefix: str, start: int = 0) -> s
     return f"{prefix}{i}"
 
 
-def put_blob(base: str, repo: str, data: bytes) -> str:
+def put_blob(
+    base: str, repo: str, data: bytes, auth: dict[str, str] | None = None
+) -> str:
     digest = digest_of(data)
-    status, headers, body = http("POST", f"{base}/v2/{repo}/blobs/uploads/")
+    auth = auth or {}
+    status, headers, body = http("POST", f"{base}/v2/{repo}/blobs/uploads/", auth)
     assert status == 202, (status, body)
     location = headers["Location"]
     sep = "&" if "?" in location else "?"
     status, _, body = http(
         "PUT",
         f"{location}{sep}digest={digest}",
-        headers={"Content-Type": "application/octet-stream"},
+        headers={"Content-Type": "application/octet-stream", **auth},
         data=data,
     )
     assert status == 201, (status, body)
@@ -53,12 +56,17 @@ def put_blob(base: str, repo: str, data: bytes) -> str:
 
 
 def put_manifest(
-    base: str, repo: str, ref: str, body: bytes, media_type: str = MANIFEST_TYPE
+    base: str,
+    repo: str,
+    ref: str,
+    body: bytes,
+    media_type: str = MANIFEST_TYPE,
+    auth: dict[str, str] | None = None,
 ) -> int:
     status, _, answer = http(
         "PUT",
         f"{base}/v2/{repo}/manifests/{ref}",
-        headers={"Content-Type": media_type},
+        headers={"Content-Type": media_type, **(auth or {})},
         data=body,
     )
     assert status == 201, (status, answer)
@@ -89,14 +97,23 @@ def small_image(label: str, subject: dict[str, Any] | None = None) -> dict[str, 
     return {"blobs": [config, layer], "manifest": body, "digest": digest_of(body)}
 
 
-def push_small(base: str, repo: str, tag: str, image: dict[str, Any]) -> None:
+def push_small(
+    base: str,
+    repo: str,
+    tag: str,
+    image: dict[str, Any],
+    auth: dict[str, str] | None = None,
+) -> None:
     for blob in image["blobs"]:
-        put_blob(base, repo, blob)
-    put_manifest(base, repo, tag, image["manifest"])
+        put_blob(base, repo, blob, auth)
+    put_manifest(base, repo, tag, image["manifest"], auth=auth)
 
 
-def manifest_digest(base: str, repo: str, ref: str) -> str | None:
-    status, _, body = http("GET", f"{base}/v2/{repo}/manifests/{ref}", ACCEPT)
+def manifest_digest(
+    base: str, repo: str, ref: str, auth: dict[str, str] | None = None
+) -> str | None:
+    headers = {**ACCEPT, **(auth or {})}
+    status, _, body = http("GET", f"{base}/v2/{repo}/manifests/{ref}", headers)
     if status != 200:
         return None
     return digest_of(body)

@@ -450,6 +450,14 @@ def _mode_from_yaml(value: Any) -> Any:
     return value
 
 
+class ReplicationCredentials(_Section):
+    # HTTP basic auth for every request zotlb makes to copy between backends
+    # (and for the drift watch): an account allowed to read and write all
+    # repositories on every backend, like zot sync's credentials.
+    username: str = Field(min_length=1)
+    password: SecretStr = Field(min_length=1)
+
+
 class ReplicationConfig(_Section):
     # off: no copies; async: copy after answering the client; sync: answer a
     # manifest PUT only once at least one peer holds the image.
@@ -466,6 +474,14 @@ class ReplicationConfig(_Section):
     sync_timeout: PositiveDuration = 10.0
     # Compare catalogs and tags across backends this often; 0 turns it off.
     drift_interval: Duration = 0.0
+    credentials: ReplicationCredentials | None = None
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.credentials is None:
+            return None
+        creds = self.credentials
+        return (creds.username, creds.password.get_secret_value())
 
     @model_validator(mode="after")
     def _check_retry(self) -> ReplicationConfig:

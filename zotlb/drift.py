@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from yarl import URL
 
 from .backends import Backend, Pool, rendezvous_order
+from .config import LBConfig, load_config
 from .logs import get as get_logger
 from .replication import MANIFEST_ACCEPT, Copier, ReplicationFailed
 
@@ -87,12 +88,17 @@ def _next_link(resp: aiohttp.ClientResponse) -> str | None:
 
 
 async def _paged(
-    session: aiohttp.ClientSession, backend: Backend, path: str, key: str
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    path: str,
+    key: str,
+    auth: aiohttp.BasicAuth | None,
 ) -> list[str]:
     items: list[str] = []
     url: str | None = f"{path}?n={_PAGE}"
     while url is not None:
-        async with session.get(URL(backend.origin + url, encoded=True)) as resp:
+        target = URL(backend.origin + url, encoded=True)
+        async with session.get(target, auth=auth) as resp:
             if resp.status == 404:
                 return items
             if resp.status != 200:
@@ -109,24 +115,31 @@ async def _tag_digest(
     repo: str,
     tag: str,
     limit: asyncio.Semaphore,
+    auth: aiohttp.BasicAuth | None,
 ) -> str | None:
     url = URL(f"{backend.origin}/v2/{repo}/manifests/{tag}", encoded=True)
-    async with limit, session.head(url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+    headers = {"Accept": MANIFEST_ACCEPT}
+    async with limit, session.head(url, headers=headers, auth=auth) as resp:
         if resp.status != 200:
             return None
         return resp.headers.get("Docker-Content-Digest")
 
 
-async def snapshot(session: aiohttp.ClientSession, backend: Backend) -> Snapshot:
+async def snapshot(
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    auth: aiohttp.BasicAuth | None = None,
+) -> Snapshot:
     """Every repository's tags and their digests on one backend."""
     out: Snapshot = {}
     # A few HEADs at a time per backend: a repository with thousands of tags
     # must not open thousands of connections.
     limit = asyncio.Semaphore(_CONCURRENCY)
-    for repo in await _paged(session, backend, "/v2/_catalog", "repositories"):
-        tags = await _paged(session, backend, f"/v2/{repo}/tags/list", "tags")
+    catalog = await _paged(session, backend, "/v2/_catalog", "repositories", auth)
+    for repo in catalog:
+        tags = await _paged(session, backend, f"/v2/{repo}/tags/list", "tags", auth)
         digests = await asyncio.gather(
-            *(_tag_digest(session, backend, repo, t, limit) for t in tags)
+            *(_tag_digest(session, backend, repo, t, limit, auth) for t in tags)
         )
         entries = {t: d for t, d in zip(tags, digests, strict=True) if d}
         if entries:
@@ -172,9 +185,13 @@ def compare(snapshots: dict[str, Snapshot], order: list[str]) -> DriftReport:
     return report
 
 
-async def check(session: aiohttp.ClientSession, backends: list[Backend]) -> DriftReport:
+async def check(
+    session: aiohttp.ClientSession,
+    backends: list[Backend],
+    auth: aiohttp.BasicAuth | None = None,
+) -> DriftReport:
     results = await asyncio.gather(
-        *(snapshot(session, b) for b in backends), return_exceptions=True
+        *(snapshot(session, b, auth) for b in backends), return_exceptions=True
     )
     snapshots: dict[str, Snapshot] = {}
     errors: dict[str, str] = {}
@@ -242,10 +259,12 @@ class DriftWatch:
         session: aiohttp.ClientSession,
         registry: CollectorRegistry,
         interval: float,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         self.pool = pool
         self.session = session
         self.interval = interval
+        self.auth = aiohttp.BasicAuth(*basic_auth) if basic_auth else None
         self.metrics = DriftMetrics(registry)
         self.last: DriftReport | None = None
         self._task: asyncio.Task[None] | None = None
@@ -266,7 +285,7 @@ class DriftWatch:
     async def run_once(self) -> DriftReport:
         live = [b for b in self.pool.backends if b.is_up()]
         started = time.monotonic()
-        report = await check(self.session, live)
+        report = await check(self.session, live, self.auth)
         self.last = report
         for name in report.backends:
             self.metrics.missing.labels(name).set(len(report.missing.get(name, [])))
@@ -299,8 +318,10 @@ EXIT_IN_SYNC = 0
 EXIT_DRIFT = 1
 
 
-def _session() -> aiohttp.ClientSession:
+def _session(cfg: LBConfig) -> aiohttp.ClientSession:
+    basic = cfg.replication.basic_auth
     return aiohttp.ClientSession(
+        auth=aiohttp.BasicAuth(*basic) if basic else None,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=300),
@@ -321,11 +342,15 @@ def _print_report(report: DriftReport) -> None:
             print(f"  differs  {label}")
 
 
-async def _diff(pool: Pool, as_json: bool) -> int:
+def _pool(cfg: LBConfig) -> Pool:
+    return Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
+
+
+async def _diff(cfg: LBConfig, as_json: bool) -> int:
     import json
 
-    async with _session() as session:
-        report = await check(session, pool.backends)
+    async with _session(cfg) as session:
+        report = await check(session, _pool(cfg).backends)
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -333,8 +358,9 @@ async def _diff(pool: Pool, as_json: bool) -> int:
     return EXIT_IN_SYNC if report.in_sync else EXIT_DRIFT
 
 
-async def _repair(pool: Pool, dry_run: bool) -> int:
-    async with _session() as session:
+async def _repair(cfg: LBConfig, dry_run: bool) -> int:
+    pool = _pool(cfg)
+    async with _session(cfg) as session:
         report = await check(session, pool.backends)
         if report.errors:
             _print_report(report)
@@ -361,12 +387,6 @@ async def _repair(pool: Pool, dry_run: bool) -> int:
 
 
 def register(sub: Any) -> None:
-    from .config import load_config
-
-    def pool_from(args: Any) -> Pool:
-        cfg = load_config(args.config)
-        return Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
-
     def add_config(parser: Any) -> None:
         parser.add_argument(
             "-c",
@@ -381,7 +401,7 @@ def register(sub: Any) -> None:
     )
     add_config(diff)
     diff.add_argument("--json", action="store_true", help="print the report as JSON")
-    diff.set_defaults(func=lambda a: asyncio.run(_diff(pool_from(a), a.json)))
+    diff.set_defaults(func=lambda a: asyncio.run(_diff(load_config(a.config), a.json)))
 
     rep = sub.add_parser(
         "repair",
@@ -393,4 +413,6 @@ def register(sub: Any) -> None:
         action="store_true",
         help="print what would be copied, copy nothing",
     )
-    rep.set_defaults(func=lambda a: asyncio.run(_repair(pool_from(a), a.dry_run)))
+    rep.set_defaults(
+        func=lambda a: asyncio.run(_repair(load_config(a.config), a.dry_run))
+    )

@@ -146,9 +146,11 @@ class Copier:
         metrics: ReplicationMetrics | None = None,
         read_timeout: float = 300.0,
         connect_timeout: float = 5.0,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         self.session = session
         self.metrics = metrics
+        self.auth = aiohttp.BasicAuth(*basic_auth) if basic_auth else None
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout,
@@ -180,7 +182,10 @@ class Copier:
             url = URL(f"{source.origin}/v2/{repo}/manifests/{reference}", encoded=True)
             try:
                 async with self.session.get(
-                    url, headers={"Accept": MANIFEST_ACCEPT}, timeout=self.timeout
+                    url,
+                    headers={"Accept": MANIFEST_ACCEPT},
+                    timeout=self.timeout,
+                    auth=self.auth,
                 ) as resp:
                     if resp.status == 200:
                         return await resp.read(), resp.content_type, source
@@ -194,7 +199,10 @@ class Copier:
     async def has_manifest(self, target: Backend, repo: str, reference: str) -> bool:
         url = URL(f"{target.origin}/v2/{repo}/manifests/{reference}", encoded=True)
         async with self.session.head(
-            url, headers={"Accept": MANIFEST_ACCEPT}, timeout=self.timeout
+            url,
+            headers={"Accept": MANIFEST_ACCEPT},
+            timeout=self.timeout,
+            auth=self.auth,
         ) as resp:
             return resp.status == 200
 
@@ -264,7 +272,11 @@ class Copier:
             )
         url = URL(f"{target.origin}/v2/{repo}/manifests/{reference}", encoded=True)
         async with self.session.put(
-            url, data=body, headers={"Content-Type": media_type}, timeout=self.timeout
+            url,
+            data=body,
+            headers={"Content-Type": media_type},
+            timeout=self.timeout,
+            auth=self.auth,
         ) as resp:
             if resp.status != 201:
                 detail = (await resp.content.read(2048)).decode(errors="replace")
@@ -273,7 +285,9 @@ class Copier:
 
     async def delete(self, target: Backend, repo: str, reference: str) -> None:
         url = URL(f"{target.origin}/v2/{repo}/manifests/{reference}", encoded=True)
-        async with self.session.delete(url, timeout=self.timeout) as resp:
+        async with self.session.delete(
+            url, timeout=self.timeout, auth=self.auth
+        ) as resp:
             # 404: already gone, which is what was asked.
             if resp.status not in (200, 202, 204, 404):
                 _raise_for(resp.status, f"DELETE on {target.name}")
@@ -285,7 +299,9 @@ class Copier:
     ) -> int:
         """Make target hold digest in repo: HEAD, then mount, then stream a copy."""
         blob_url = URL(f"{target.origin}/v2/{repo}/blobs/{digest}", encoded=True)
-        async with self.session.head(blob_url, timeout=self.timeout) as resp:
+        async with self.session.head(
+            blob_url, timeout=self.timeout, auth=self.auth
+        ) as resp:
             if resp.status == 200:
                 self._remember(target, digest, repo)
                 return 0
@@ -295,7 +311,7 @@ class Copier:
         elsewhere = seen.get(digest) if seen is not None else None
         params = {"mount": digest, "from": elsewhere} if elsewhere else None
         async with self.session.post(
-            uploads, params=params, timeout=self.timeout
+            uploads, params=params, timeout=self.timeout, auth=self.auth
         ) as resp:
             if resp.status == 201:
                 self._remember(target, digest, repo)
@@ -326,7 +342,7 @@ class Copier:
     ) -> int:
         src_url = URL(f"{source.origin}/v2/{repo}/blobs/{digest}", encoded=True)
         try:
-            src = await self.session.get(src_url, timeout=self.timeout)
+            src = await self.session.get(src_url, timeout=self.timeout, auth=self.auth)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ReplicationFailed(
                 SOURCE_DOWN, f"{source.name}: {type(exc).__name__}: {exc}"
@@ -352,7 +368,11 @@ class Copier:
                 headers["Content-Length"] = str(src.content_length)
             put_url = location.update_query({"digest": digest})
             async with self.session.put(
-                put_url, data=body(), headers=headers, timeout=self.timeout
+                put_url,
+                data=body(),
+                headers=headers,
+                timeout=self.timeout,
+                auth=self.auth,
             ) as resp:
                 if resp.status != 201:
                     _raise_for(resp.status, f"blob PUT to {target.name}")
@@ -360,7 +380,9 @@ class Copier:
 
     async def _abandon(self, location: URL) -> None:
         try:
-            async with self.session.delete(location, timeout=self.timeout):
+            async with self.session.delete(
+                location, timeout=self.timeout, auth=self.auth
+            ):
                 pass
         except (aiohttp.ClientError, TimeoutError):
             pass
@@ -394,7 +416,9 @@ class Replicator:
         self.cfg = cfg
         self.pool = pool
         self.metrics = ReplicationMetrics(registry)
-        self.copier = Copier(session, self.metrics, read_timeout, connect_timeout)
+        self.copier = Copier(
+            session, self.metrics, read_timeout, connect_timeout, cfg.basic_auth
+        )
         self.queue = JobQueue(cfg.state_dir, cfg.queue_max)
         self.metrics.queue_length.set(len(self.queue))
         self._wake = asyncio.Event()

@@ -137,6 +137,7 @@ class Server:
                 self._repl_session,
                 self.metrics.registry,
                 rcfg.drift_interval,
+                rcfg.basic_auth,
             )
             self.drift.start()
 
