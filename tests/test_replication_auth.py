@@ -68,7 +68,16 @@ def test_copies_log_in_with_the_configured_account(auth_registries, zotlb_factor
             10,
             f"the image on {reg.name}",
         )
-    wait_until(lambda: lb.events("drift.checked"), 10, "a drift check")
+    # A whole drift check after both copies landed: it logs in too.
+    from datetime import UTC, datetime
+
+    since = datetime.now(UTC).isoformat()
+
+    def checks_since() -> list[dict]:
+        return [e for e in lb.events("drift.checked") if e["timestamp"] > since]
+
+    wait_until(lambda: len(checks_since()) >= 2, 10, "two drift checks")
+    assert checks_since()[-1]["result"] == "in_sync"
     assert lb.status()["drift"]["last"]["in_sync"] is True
 
     diff = subprocess.run(
