@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zotlb.queue import Job, JobQueue, Op, QueueFull
+from zotlb.queue import Job, JobQueue, Op, QueueFull, QueueUnusable
 from zotlb.replication import ReplicationFailed, manifest_children
 
 
@@ -44,6 +44,14 @@ def test_jobs_and_retry_state_survive_reopening(tmp_path):
     assert jobs[0].body is None and jobs[0].op is Op.PUT
     assert reopened.load_body(jobs[0]) == b"{}"
     assert [j.reference for j in reopened.heads()] == ["v1"]
+
+
+def test_a_broken_database_is_reported_not_raised_raw(tmp_path):
+    queue = JobQueue(str(tmp_path), limit=10)
+    queue.close()
+    with pytest.raises(QueueUnusable, match="replication queue"):
+        queue.add(job("r1", "v1"))
+    assert len(queue) == 0
 
 
 def test_the_bound_refuses_new_jobs(tmp_path):

@@ -42,6 +42,12 @@ _COLUMNS = (
 )
 
 
+_INSERT = (
+    "INSERT INTO jobs (op, repo, reference, digest, media_type, body, source,"
+    " target, attempts, next_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
 class Op(enum.Enum):
     PUT = "put"
     DELETE = "delete"
@@ -130,23 +136,25 @@ class JobQueue:
             raise QueueFull(f"the replication queue holds {self.limit} jobs")
         job.created_at = job.created_at or time.time()
         job.next_at = job.next_at or job.created_at
-        cursor = self._db.execute(
-            "INSERT INTO jobs (op, repo, reference, digest, media_type, body, source,"
-            " target, attempts, next_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                job.op.value,
-                job.repo,
-                job.reference,
-                job.digest,
-                job.media_type,
-                job.body,
-                job.source,
-                job.target,
-                job.attempts,
-                job.next_at,
-                job.created_at,
-            ),
-        )
+        try:
+            cursor = self._db.execute(
+                _INSERT,
+                (
+                    job.op.value,
+                    job.repo,
+                    job.reference,
+                    job.digest,
+                    job.media_type,
+                    job.body,
+                    job.source,
+                    job.target,
+                    job.attempts,
+                    job.next_at,
+                    job.created_at,
+                ),
+            )
+        except sqlite3.Error as exc:
+            raise QueueUnusable(f"replication queue {self.path}: {exc}") from None
         assert cursor.lastrowid is not None
         job.id = cursor.lastrowid
         job.has_body, job.body = job.body is not None, None

@@ -26,7 +26,7 @@ from yarl import URL
 from .backends import Backend, Pool, State
 from .config import ReplicationConfig
 from .logs import get as get_logger
-from .queue import Job, JobQueue, Op, QueueFull
+from .queue import Job, JobQueue, Op, QueueFull, QueueUnusable
 from .routing import Kind, Route
 
 log = get_logger("zotlb.replication")
@@ -494,22 +494,22 @@ class Replicator:
                 Op.PUT,
                 route.name,
                 route.reference,
-                digest,
-                content_type,
-                data,
-                backend.name,
-                "",
+                digest=digest,
+                media_type=content_type,
+                body=data,
+                source=backend.name,
+                target="",
             )
         else:
             template = Job(
                 Op.DELETE,
                 route.name,
                 route.reference,
-                None,
-                None,
-                None,
-                backend.name,
-                "",
+                digest=None,
+                media_type=None,
+                body=None,
+                source=backend.name,
+                target="",
             )
         jobs = self.enqueue(
             template, [b for b in self.pool.backends if b is not backend]
@@ -534,8 +534,11 @@ class Replicator:
             )
             try:
                 jobs.append(self.queue.add(job))
-            except QueueFull as exc:
-                self.metrics.failures.labels(target.name, "queue_full").inc()
+            except (QueueFull, QueueUnusable) as exc:
+                # The write itself succeeded: the client still gets its
+                # answer, and the drift watch will show the missing copy.
+                cause = "queue_full" if isinstance(exc, QueueFull) else "queue_error"
+                self.metrics.failures.labels(target.name, cause).inc()
                 log.error(
                     "replication.dropped",
                     peer=target.name,
