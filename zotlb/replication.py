@@ -704,6 +704,10 @@ class Replicator:
         delay = min(
             self.cfg.retry_max, self.cfg.retry_initial * 2 ** min(job.attempts, 20)
         )
+        if cause == "broken" and job.attempts == 0:
+            # Most often a pooled connection the peer had already closed (or a
+            # peer that just died): a fresh connection tells which, at once.
+            delay = 0.0
         # Jitter spreads the retries of many jobs that failed together.
         self.queue.retry_later(job, delay * random.uniform(0.8, 1.2), error)
 
