@@ -72,7 +72,12 @@ def test_active_passive_push_lands_on_primary_and_fails_over(
     registries, zotlb_factory, image_factory, tmp_path
 ):
     a, b = registries
-    lb = zotlb_factory([a, b], mode="active-passive", health={"interval": "1s"})
+    lb = zotlb_factory(
+        [a, b],
+        mode="active-passive",
+        health={"interval": "1s"},
+        replication={"mode": "off"},
+    )
     first = image_factory("one")
     assert push(first, f"{lb.hostport}/ap/app:one").returncode == 0
     assert a.has_manifest("ap/app", "one") and not b.has_manifest("ap/app", "one")

@@ -16,7 +16,8 @@ pytestmark = [needs_registry, needs_skopeo]
 
 def test_five_images_to_five_repos_round_trip(registries, zotlb_factory, image_factory, tmp_path):
     a, b = registries
-    lb = zotlb_factory([a, b])
+    # Replication off: this test checks where the proxy itself writes.
+    lb = zotlb_factory([a, b], replication={"mode": "off"})
     homes = set()
     for i in range(5):
         img = image_factory(f"v{i}")

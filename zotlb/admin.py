@@ -7,6 +7,7 @@ import hmac
 import time
 from importlib import resources
 from typing import Protocol
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -63,6 +64,7 @@ def create_admin_app(
     stats: Stats | None = None,
     controls: Controls | None = None,
     admin_cfg: AdminConfig | None = None,
+    extra_status: Callable[[], dict[str, object]] | None = None,
 ) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         backends = [backend_status(b, pool) for b in pool.backends]
@@ -73,14 +75,15 @@ def create_admin_app(
                 name = str(entry["name"])
                 entry.update(traffic[name])
                 entry["recent_home_repositories"] = homes.get(name, 0)
-        return web.json_response(
-            {
-                "version": __version__,
-                "mode": pool.mode,
-                "uptime_seconds": round(time.time() - started_at, 3),
-                "backends": backends,
-            }
-        )
+        body: dict[str, object] = {
+            "version": __version__,
+            "mode": pool.mode,
+            "uptime_seconds": round(time.time() - started_at, 3),
+            "backends": backends,
+        }
+        if extra_status is not None:
+            body.update(extra_status())
+        return web.json_response(body)
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(

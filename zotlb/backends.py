@@ -77,6 +77,11 @@ def _score(backend_name: str, key: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def rendezvous_order(names: Iterable[str], key: str) -> list[str]:
+    """Backend names in the order `Pool.home_order` ranks them for key."""
+    return sorted(names, key=lambda name: _score(name, key), reverse=True)
+
+
 StateListener = Callable[[Backend, State, str], None]
 
 

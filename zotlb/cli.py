@@ -10,6 +10,7 @@ from . import __version__
 from .config import ConfigError, load_config
 from .ctl import register as _register_ctl
 from .local import register as _register_local
+from .drift import register as _register_drift
 from .zotcfg import register as _register_zot_config
 
 EXIT_OK = 0
@@ -61,6 +62,7 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 _EXTRA_COMMANDS.append(_register_zot_config)
 _EXTRA_COMMANDS.append(_register_local)
 _EXTRA_COMMANDS.append(_register_ctl)
+_EXTRA_COMMANDS.append(_register_drift)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

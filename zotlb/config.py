@@ -221,6 +221,7 @@ class LBConfig(_Section):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     zot: ZotSection = Field(default_factory=lambda: ZotSection())
+    replication: ReplicationConfig = Field(default_factory=lambda: ReplicationConfig())
 
     @field_validator("listen")
     @classmethod
@@ -464,6 +465,56 @@ class ZotSection(_Section):
     tls: ZotTLS | None = None
     metrics: ZotMetrics = ZotMetrics()
     http_timeouts: ZotHTTPTimeouts = ZotHTTPTimeouts()
+
+
+# --- replication: copying each push and delete to the other backends ------------
+
+
+def _mode_from_yaml(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false.
+    if value is False:
+        return "off"
+    return value
+
+
+class ReplicationCredentials(_Section):
+    # HTTP basic auth for every request zotlb makes to copy between backends
+    # (and for the drift watch): an account allowed to read and write all
+    # repositories on every backend, like zot sync's credentials.
+    username: str = Field(min_length=1)
+    password: SecretStr = Field(min_length=1)
+
+
+class ReplicationConfig(_Section):
+    # off: no copies; async: copy after answering the client; sync: answer a
+    # manifest PUT only once at least one peer holds the image.
+    mode: Annotated[
+        Literal["off", "async", "sync"], BeforeValidator(_mode_from_yaml)
+    ] = "async"
+    # Where the durable queue lives; None keeps it in memory (lost on restart).
+    state_dir: str | None = None
+    queue_max: int = Field(10_000, ge=1)
+    workers: int = Field(8, ge=1, le=256)
+    retry_initial: PositiveDuration = 0.5
+    retry_max: PositiveDuration = 60.0
+    # sync: the longest a manifest PUT waits for the first peer.
+    sync_timeout: PositiveDuration = 10.0
+    # Compare catalogs and tags across backends this often; 0 turns it off.
+    drift_interval: Duration = 0.0
+    credentials: ReplicationCredentials | None = None
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.credentials is None:
+            return None
+        creds = self.credentials
+        return (creds.username, creds.password.get_secret_value())
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> ReplicationConfig:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be less than retry_initial")
+        return self
 
 
 LBConfig.model_rebuild()

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,9 @@ from .logs import get as get_logger
 from .metrics import Metrics
 from .routing import Kind, Route
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .replication import Replicator
 
 access_log = get_logger("zotlb.access")
 log = get_logger("zotlb.proxy")
@@ -52,6 +56,8 @@ _REQUEST_DROP = HOP_BY_HOP | {"expect", "host"}
 _RETRY_STATUSES = frozenset({502, 503, 504})
 # A 404 kept for the client while other backends are asked is small JSON.
 _MISS_BODY_LIMIT = 64 * 1024
+# Manifests are small; bigger bodies are fetched back by digest to replicate.
+_MANIFEST_CAPTURE_LIMIT = 4 * 1024 * 1024
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
@@ -77,6 +83,8 @@ class _Outcome:
     bytes_out: int = 0
     request_id: str = ""
     upload: str | None = None
+    # A manifest PUT's body, kept for replication (None: not kept or too big).
+    manifest: bytearray | None = None
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -94,7 +102,9 @@ class Proxy:
         metrics: Metrics,
         session: aiohttp.ClientSession,
         stats: Stats | None = None,
+        replicator: Replicator | None = None,
     ) -> None:
+        self.replicator = replicator
         self.pool = pool
         self.metrics = metrics
         self.session = session
@@ -197,6 +207,12 @@ class Proxy:
         has_body = request.body_exists
         first_miss: _Miss | None = None
         error: ProxyError | None = None
+        replicator = self.replicator
+        if replicator is not None and not replicator.enabled:
+            replicator = None
+        is_manifest_put = route.kind is Kind.MANIFEST and route.method == "PUT"
+        if replicator is not None and is_manifest_put:
+            out.manifest = bytearray()
 
         for index, backend in enumerate(plan.backends):
             has_next = index + 1 < len(plan.backends)
@@ -245,6 +261,12 @@ class Proxy:
             if first_miss is not None:
                 result = "found" if upstream.status < 400 else "missed"
                 self.metrics.fallbacks.labels(route.kind.value, result).inc()
+            if replicator is not None and replicator.wants(route, upstream.status):
+                # sync mode holds the answer here until a peer has the image.
+                await replicator.on_write(
+                    route, backend, upstream.headers, out.manifest,
+                    request.headers.get("Content-Type"),
+                )
             return await self._respond(request, route, backend, upstream, out)
 
         if first_miss is not None:
@@ -315,6 +337,11 @@ class Proxy:
             if not chunk:
                 return
             out.bytes_in += len(chunk)
+            if out.manifest is not None:
+                if len(out.manifest) + len(chunk) <= _MANIFEST_CAPTURE_LIMIT:
+                    out.manifest.extend(chunk)
+                else:
+                    out.manifest = None
             yield chunk
 
     async def _read_miss(self, backend: Backend, upstream: aiohttp.ClientResponse) -> _Miss:

@@ -13,12 +13,14 @@ from . import __version__
 from .admin import create_admin_app
 from .backends import Pool, State
 from .config import ConfigError, LBConfig, load_config, parse_hostport
+from .drift import DriftWatch
 from .health import HealthChecker
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
 from .stats import Stats
+from .replication import Replicator
 
 log = get_logger("zotlb.server")
 
@@ -60,6 +62,9 @@ class Server:
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
+        self._repl_session: aiohttp.ClientSession | None = None
+        self.replicator: Replicator | None = None
+        self.drift: DriftWatch | None = None
         for backend in self.pool.backends:
             self.metrics.up.labels(backend.name).set(1)
             self.metrics.drained.labels(backend.name).set(0)
@@ -80,8 +85,14 @@ class Server:
         self._session = _new_session(cfg)
         # Room for backends a reload may add.
         self._health_session = _new_session(cfg, limit=max(16, len(cfg.backends) * 2))
+        self._start_replication()
         self.proxy = proxy = Proxy(
-            cfg, self.pool, self.metrics, self._session, stats=self.stats
+            cfg,
+            self.pool,
+            self.metrics,
+            self._session,
+            stats=self.stats,
+            replicator=self.replicator,
         )
 
         self._handler = handler = web.Server(
@@ -108,6 +119,7 @@ class Server:
                     stats=self.stats,
                     controls=self,
                     admin_cfg=cfg.admin,
+                    extra_status=self._extra_status,
                 ),
                 handle_signals=False,
                 access_log=None,
@@ -203,6 +215,40 @@ class Server:
             needs_restart=ignored,
         )
 
+    def _start_replication(self) -> None:
+        rcfg = self.cfg.replication
+        if rcfg.mode == "off" and not rcfg.drift_interval:
+            return
+        # Its own session: copies never queue behind client traffic.
+        self._repl_session = _new_session(self.cfg)
+        if rcfg.mode != "off":
+            self.replicator = Replicator(
+                rcfg,
+                self.pool,
+                self._repl_session,
+                self.metrics.registry,
+                self.cfg.timeouts.read,
+                self.cfg.timeouts.connect,
+            )
+            self.replicator.start()
+        if rcfg.drift_interval:
+            self.drift = DriftWatch(
+                self.pool,
+                self._repl_session,
+                self.metrics.registry,
+                rcfg.drift_interval,
+                rcfg.basic_auth,
+            )
+            self.drift.start()
+
+    def _extra_status(self) -> dict[str, object]:
+        extra: dict[str, object] = {
+            "replication": None if self.replicator is None else self.replicator.status()
+        }
+        if self.drift is not None:
+            extra["drift"] = self.drift.status()
+        return extra
+
     async def stop(self) -> None:
         log.info("server.stopping", grace_seconds=self.cfg.timeouts.shutdown_grace)
         # The proxy listener first: it closes, then in-flight requests get the
@@ -216,7 +262,12 @@ class Server:
         await _flushed([t for t in transports if t is not None], deadline)
         if self._health is not None:
             await self._health.stop()
-        for session in (self._session, self._health_session):
+        if self.drift is not None:
+            await self.drift.stop()
+        if self.replicator is not None:
+            # Unfinished jobs stay queued on disk and resume on the next start.
+            await self.replicator.stop()
+        for session in (self._session, self._health_session, self._repl_session):
             if session is not None:
                 await session.close()
         log.info("server.stopped")
