@@ -11,7 +11,7 @@ want_test=0
 # Debian packages, by the command each one provides.
 declare -A pkg_for=([docker-registry]=docker-registry [skopeo]=skopeo)
 if [ "$want_test" = 1 ]; then
-  pkg_for+=([podman]=podman [haproxy]=haproxy [nginx]=nginx [wrk]=wrk [chromium]=chromium)
+  pkg_for+=([podman]=podman [haproxy]=haproxy [nginx]=nginx [wrk]=wrk [ab]=apache2-utils [curl]=curl [chromium]=chromium)
 fi
 missing=()
 for cmd in "${!pkg_for[@]}"; do
