@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from .suite import Suite, settings
 
     cfg = settings(args.quick, args.workers, args.runs)
+    # A SIGTERM unwinds like Ctrl+C, so every started process is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)

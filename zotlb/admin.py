@@ -98,6 +98,9 @@ def create_admin_app(
 
     def _set_drained(request: web.Request, drained: bool) -> web.Response:
         name = request.match_info["name"]
+        refused = getattr(controls, "drain_refused", None)
+        if refused:
+            return web.json_response({"error": refused}, status=409)
         if controls is None or not controls.set_drained(name, drained):
             return web.json_response(
                 {"error": f"no backend named {name!r}"}, status=404

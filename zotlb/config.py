@@ -96,6 +96,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _workers_from_yaml(value: Any) -> Any:
+    return 0 if value == "auto" else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -216,6 +220,8 @@ class LBConfig(_Section):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # How many other backends an idempotent read may be retried on.
     retries: int = Field(2, ge=0, le=16)
+    # Processes serving `listen` together (SO_REUSEPORT); 0 or auto: one per core.
+    workers: Annotated[int, BeforeValidator(_workers_from_yaml)] = Field(1, ge=0, le=64)
     # What to do with paths outside /v2/: answer 404, or pass them on.
     non_v2: Literal["reject", "pass"] = "reject"
     admin: AdminConfig = AdminConfig()
@@ -266,6 +272,10 @@ class LBConfig(_Section):
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_hostport(self.listen)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

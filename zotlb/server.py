@@ -57,6 +57,8 @@ class Server:
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        # workers > 1: every worker binds the proxy port with SO_REUSEPORT.
+        self.reuse_port = False
         self._runners: list[web.BaseRunner] = []
         self._handler: web.Server | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -107,7 +109,9 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
         host, port = cfg.listen_address
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        await web.TCPSite(
+            runner, host, port, backlog=1024, reuse_port=self.reuse_port or None
+        ).start()
         watch_connections(self.metrics, handler, self._session)
 
         if cfg.admin.listen:
@@ -184,6 +188,7 @@ class Server:
             key
             for key, before, after in (
                 ("listen", old.listen, new.listen),
+                ("workers", old.workers, new.workers),
                 ("admin", old.admin, new.admin),
                 ("log.level", old.log.level, new.log.level),
                 ("log.format", old.log.format, new.log.format),
@@ -333,6 +338,10 @@ def run(cfg: LBConfig, config_path: str | None = None) -> int:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
+    if cfg.worker_count > 1:
+        from .workers import run_workers
+
+        return run_workers(cfg, config_path, loop_factory)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(Server(cfg, config_path).run_until_signalled())
