@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import routing
+from . import routing, splice
 from .backends import Backend, Pool
 from .config import LBConfig
 from .errors import (
@@ -416,7 +416,9 @@ class Proxy:
             except (ConnectionError, RuntimeError) as exc:
                 upstream.close()
                 raise _ClientGone(str(exc)) from None
-            if request.method != "HEAD":
+            if request.method != "HEAD" and not await self._splice(
+                request, backend, upstream, response, out
+            ):
                 await self._pump(request, backend, upstream, response, out)
             await response.write_eof()
         finally:
@@ -461,6 +463,68 @@ class Proxy:
                 upstream.close()
                 raise _ClientGone(str(exc)) from None
             out.bytes_out += len(chunk)
+
+    async def _splice(
+        self,
+        request: web.Request,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        out: _Outcome,
+    ) -> bool:
+        """Relay a big plain-TCP body with os.splice; False when it does not apply."""
+        length = upstream.content_length
+        conn = upstream.connection
+        writer = getattr(response, "_payload_writer", None)
+        if (
+            not splice.AVAILABLE
+            or length is None
+            or length < splice.MIN_BODY
+            or "Transfer-Encoding" in upstream.headers
+            or conn is None
+            or writer is None
+        ):
+            return False
+        src = splice.plain_socket_fd(conn.transport)
+        dst = splice.plain_socket_fd(request.transport)
+        if src is None or dst is None or request.transport is None:
+            return False
+
+        # Take what aiohttp has read already, and stop it reading more: from
+        # here the socket belongs to the splice (no await in between).
+        buffered = upstream.content.read_nowait()
+        conn.protocol.pause_reading()
+        client = request.transport
+        try:
+            writer.send_headers()
+            if buffered:
+                await response.write(buffered)
+                out.bytes_out += len(buffered)
+            # Everything queued must reach the socket before spliced bytes.
+            client.set_write_buffer_limits(high=0)
+            while client.get_write_buffer_size():
+                await writer.drain()
+            out.bytes_out += await splice.relay(
+                src, dst, length - len(buffered), self.cfg.timeouts.read
+            )
+        except (splice.BackendEnded, TimeoutError) as exc:
+            log.warning(
+                "request.truncated",
+                backend=backend.name,
+                path=request.path,
+                bytes_out=out.bytes_out,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            client.abort()
+            raise _ClientGone("backend broke off mid-body") from None
+        except (splice.ClientEnded, ConnectionError, RuntimeError) as exc:
+            raise _ClientGone(str(exc)) from None
+        finally:
+            # The backend connection's parser never saw the body: never reuse it.
+            upstream.close()
+            if not client.is_closing():
+                client.set_write_buffer_limits()
+        return True
 
     def _respond_miss(self, request: web.Request, miss: _Miss, out: _Outcome) -> web.Response:
         out.status = miss.status
