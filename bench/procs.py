@@ -91,13 +91,19 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
+def pss_kib(pid: int) -> int:
+    """Proportional set size: RSS with each shared page split among its sharers.
+
+    Summed over forked workers it counts the pages they share once, where a
+    sum of RSS would count them once per worker.
+    """
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1])
+        except OSError:
+            continue
     return 0
 
 
@@ -113,7 +119,8 @@ class Service:
         return process_tree(self.proc.pid)
 
     def rss_kib(self) -> int:
-        return sum(rss_kib(pid) for pid in self.pids())
+        """Memory of the process and its children (PSS, summed)."""
+        return sum(pss_kib(pid) for pid in self.pids())
 
     def stop(self, timeout: float = 15) -> None:
         if self.proc.poll() is None:
@@ -352,7 +359,7 @@ def start_zotlb(workdir: Path, backend_ports: list[int], tag: str, workers: int 
 
 
 class RSSSampler:
-    """Peak of the summed RSS of some processes, sampled every 20 ms."""
+    """Peak of the summed memory (PSS) of some processes, sampled every 20 ms."""
 
     def __init__(self, services: list[Service]) -> None:
         self.services = services
