@@ -18,11 +18,26 @@ EXIT_MISSING_TOOL = 3
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test in seconds")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the results go (default: %(default)s)")
-    parser.add_argument("--workers", type=int, help="zotlb workers (default: one per core)")
-    parser.add_argument("--runs", type=int, help="runs per figure (default: 3, quick: 1)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, one run: a smoke test in seconds",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where the results go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="zotlb workers (default: one per core)"
+    )
+    parser.add_argument(
+        "--runs", type=int, help="runs per figure (default: 3, quick: 1)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when a target is missed"
+    )
     args = parser.parse_args(argv)
 
     missing = missing_tools()

@@ -48,7 +48,15 @@ def download(urls: list[str]) -> float:
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url],
+            [
+                curl,
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}",
+                url,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -60,7 +68,9 @@ def download(urls: list[str]) -> float:
         out, err = proc.communicate(timeout=600)
         status, _, size = out.partition(" ")
         if proc.returncode != 0 or status != "200":
-            raise BenchError(f"GET {url}: curl exit {proc.returncode}, status {status}: {err}")
+            raise BenchError(
+                f"GET {url}: curl exit {proc.returncode}, status {status}: {err}"
+            )
         total += int(size)
     elapsed = time.monotonic() - started
     return total / elapsed / 1e6
@@ -75,7 +85,9 @@ class _Conn:
     def __init__(self, base: str) -> None:
         parts = urlsplit(base)
         self.host = parts.netloc
-        self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=300)
+        self.sock = socket.create_connection(
+            (parts.hostname, parts.port or 80), timeout=300
+        )
         self.reader = self.sock.makefile("rb")
 
     def close(self) -> None:
@@ -91,7 +103,11 @@ class _Conn:
         offset: int = 0,
         count: int = 0,
     ) -> tuple[int, dict[str, str]]:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {count}"]
+        lines = [
+            f"{method} {target} HTTP/1.1",
+            f"Host: {self.host}",
+            f"Content-Length: {count}",
+        ]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         if count:
@@ -107,13 +123,13 @@ class _Conn:
             raise BenchError("the server closed the connection")
         status = int(status_line.split()[1])
         headers: dict[str, str] = {}
-        while (line := self.reader.readline().decode("latin-1").rstrip("\r\n")):
+        while line := self.reader.readline().decode("latin-1").rstrip("\r\n"):
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
         if method == "HEAD" or status in (204, 304):
             return status, headers
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            while (size := int(self.reader.readline().split(b";")[0], 16)):
+            while size := int(self.reader.readline().split(b";")[0], 16):
                 self.reader.read(size + 2)
             self.reader.readline()
         else:
@@ -126,7 +142,9 @@ def _target(location: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-def upload(base: str, repo: str, path: Path, digest: str, chunk: int | None = None) -> float:
+def upload(
+    base: str, repo: str, path: Path, digest: str, chunk: int | None = None
+) -> float:
     """Push one blob: POST, then one PUT (monolithic) or PATCHes and a PUT: MB/s."""
     size = path.stat().st_size
     conn = _Conn(base)
@@ -156,7 +174,9 @@ def upload(base: str, repo: str, path: Path, digest: str, chunk: int | None = No
                 status, _ = conn.request("PUT", f"{location}{sep}digest={digest}")
             else:
                 sep = "&" if "?" in location else "?"
-                status, _ = conn.request("PUT", f"{location}{sep}digest={digest}", octets, blob, 0, size)
+                status, _ = conn.request(
+                    "PUT", f"{location}{sep}digest={digest}", octets, blob, 0, size
+                )
             if status != 201:
                 raise BenchError(f"PUT upload via {base}: {status}")
     finally:
@@ -169,7 +189,12 @@ def put_manifest(base: str, repo: str, tag: str, manifest: bytes) -> None:
     try:
         with open(_spool(manifest), "rb") as body:
             status, _ = conn.request(
-                "PUT", f"/v2/{repo}/manifests/{tag}", {"Content-Type": MANIFEST_TYPE}, body, 0, len(manifest)
+                "PUT",
+                f"/v2/{repo}/manifests/{tag}",
+                {"Content-Type": MANIFEST_TYPE},
+                body,
+                0,
+                len(manifest),
             )
     finally:
         conn.close()
@@ -197,20 +222,39 @@ class RateResult:
     errors: int
 
 
-def ab(url: str, connections: int, seconds: float, method: str, workdir: Path) -> RateResult:
+def ab(
+    url: str, connections: int, seconds: float, method: str, workdir: Path
+) -> RateResult:
     """ApacheBench with keep-alive; it handles HEAD, which wrk cannot parse."""
     binary = find_tool("ab")
     assert binary is not None
     csv = workdir / f"ab-{os.getpid()}.csv"
-    argv = [binary, "-q", "-k", "-c", str(connections), "-t", str(max(1, round(seconds))),
-            "-n", "100000000", "-s", "10", "-e", str(csv), "-H", f"Accept: {MANIFEST_TYPE}"]
+    argv = [
+        binary,
+        "-q",
+        "-k",
+        "-c",
+        str(connections),
+        "-t",
+        str(max(1, round(seconds))),
+        "-n",
+        "100000000",
+        "-s",
+        "10",
+        "-e",
+        str(csv),
+        "-H",
+        f"Accept: {MANIFEST_TYPE}",
+    ]
     if method == "HEAD":
         argv.append("-i")
     argv.append(url)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     out = result.stdout
     if result.returncode != 0:
-        raise BenchError(f"ab {method} {url}: exit {result.returncode}: {result.stderr or out}")
+        raise BenchError(
+            f"ab {method} {url}: exit {result.returncode}: {result.stderr or out}"
+        )
     rps = re.search(r"Requests per second:\s+([\d.]+)", out)
     done = re.search(r"Complete requests:\s+(\d+)", out)
     failed = re.search(r"Failed requests:\s+(\d+)", out)
@@ -218,8 +262,16 @@ def ab(url: str, connections: int, seconds: float, method: str, workdir: Path) -
     pct = dict(line.split(",") for line in csv.read_text().splitlines()[1:])
     if not (rps and done):
         raise BenchError(f"cannot read ab output for {url}:\n{out}")
-    errors = (int(failed.group(1)) if failed else 0) + (int(non2xx.group(1)) if non2xx else 0)
-    return RateResult(float(rps.group(1)), float(pct["50"]), float(pct["99"]), int(done.group(1)), errors)
+    errors = (int(failed.group(1)) if failed else 0) + (
+        int(non2xx.group(1)) if non2xx else 0
+    )
+    return RateResult(
+        float(rps.group(1)),
+        float(pct["50"]),
+        float(pct["99"]),
+        int(done.group(1)),
+        errors,
+    )
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -241,8 +293,21 @@ def wrk_paced(url: str, rate: float, seconds: float, workdir: Path) -> RateResul
     script = workdir / "wrk-paced.lua"
     script.write_text(f"function delay() return {delay_ms} end\n")
     threads = 1 if connections < 4 else 2
-    argv = [binary, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-            "--latency", "--timeout", "10s", "-s", str(script), url]
+    argv = [
+        binary,
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     out = result.stdout
     if result.returncode != 0:
@@ -254,8 +319,13 @@ def wrk_paced(url: str, rate: float, seconds: float, workdir: Path) -> RateResul
     if not (rps and p50 and p99 and total):
         raise BenchError(f"cannot read wrk output for {url}:\n{out}")
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return RateResult(float(rps.group(1)), _latency_ms(p50.group(1)), _latency_ms(p99.group(1)),
-                      int(total.group(1)), int(bad.group(1)) if bad else 0)
+    return RateResult(
+        float(rps.group(1)),
+        _latency_ms(p50.group(1)),
+        _latency_ms(p99.group(1)),
+        int(total.group(1)),
+        int(bad.group(1)) if bad else 0,
+    )
 
 
 def ab_count(base: str, requests: int, targets: list[tuple[str, str]]) -> None:
@@ -264,11 +334,31 @@ def ab_count(base: str, requests: int, targets: list[tuple[str, str]]) -> None:
     assert binary is not None
     share = requests // len(targets)
     for method, path in targets:
-        argv = [binary, "-q", "-k", "-c", "8", "-n", str(share), "-s", "10",
-                "-H", f"Accept: {MANIFEST_TYPE}"]
+        argv = [
+            binary,
+            "-q",
+            "-k",
+            "-c",
+            "8",
+            "-n",
+            str(share),
+            "-s",
+            "10",
+            "-H",
+            f"Accept: {MANIFEST_TYPE}",
+        ]
         if method == "HEAD":
             argv.append("-i")
-        result = subprocess.run(argv + [base + path], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            argv + [base + path], capture_output=True, text=True, timeout=300
+        )
         done = re.search(r"Complete requests:\s+(\d+)", result.stdout)
-        if result.returncode != 0 or not done or int(done.group(1)) != share or "Non-2xx" in result.stdout:
-            raise BenchError(f"ab {method} {base}{path} failed:\n{result.stdout}{result.stderr}")
+        if (
+            result.returncode != 0
+            or not done
+            or int(done.group(1)) != share
+            or "Non-2xx" in result.stdout
+        ):
+            raise BenchError(
+                f"ab {method} {base}{path} failed:\n{result.stdout}{result.stderr}"
+            )

@@ -65,7 +65,12 @@ def http_status(url: str, method: str = "GET", timeout: float = 1.0) -> int | No
         return None
 
 
-def wait_for(predicate: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(
+    predicate: object,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
     """Poll a readiness condition; fail early when the process died."""
     assert callable(predicate)
     deadline = time.monotonic() + timeout
@@ -97,7 +102,10 @@ def pss_kib(pid: int) -> int:
     Summed over forked workers it counts the pages they share once, where a
     sum of RSS would count them once per worker.
     """
-    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+    for path, key in (
+        (f"/proc/{pid}/smaps_rollup", "Pss:"),
+        (f"/proc/{pid}/status", "VmRSS:"),
+    ):
         try:
             for line in Path(path).read_text().splitlines():
                 if line.startswith(key):
@@ -136,7 +144,11 @@ def _spawn(name: str, argv: list[str], workdir: Path, **kwargs: object) -> Servi
     log = workdir / f"{name}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs  # type: ignore[call-overload]
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            **kwargs,  # type: ignore[call-overload]
         )
     return Service(name, proc, log)
 
@@ -148,7 +160,9 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def _started(service: Service, what: str, predicate: object, timeout: float = 20) -> Service:
+def _started(
+    service: Service, what: str, predicate: object, timeout: float = 20
+) -> Service:
     try:
         wait_for(predicate, timeout, what, service.proc)
     except BenchError as exc:
@@ -192,11 +206,17 @@ def start_registries(workdir: Path, count: int = 2) -> tuple[list[Service], list
         services.append(service)
         ports.append(port)
     for service, port in zip(services, ports, strict=True):
-        _started(service, f"registry on {port}", lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        _started(
+            service,
+            f"registry on {port}",
+            lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200,
+        )
     return services, ports
 
 
-def write_static_tree(root: Path, repo: str, manifest: bytes, blobs: dict[str, Path | bytes]) -> None:
+def write_static_tree(
+    root: Path, repo: str, manifest: bytes, blobs: dict[str, Path | bytes]
+) -> None:
     """A registry-like tree nginx serves as files: manifests by tag, blobs by digest."""
     (root / "v2" / repo / "manifests").mkdir(parents=True, exist_ok=True)
     (root / "v2" / repo / "blobs").mkdir(parents=True, exist_ok=True)
@@ -211,7 +231,9 @@ def write_static_tree(root: Path, repo: str, manifest: bytes, blobs: dict[str, P
             target.write_bytes(content)
 
 
-def start_nginx(workdir: Path, root: Path, count: int = 2, workers: int = 2) -> tuple[Service, list[int]]:
+def start_nginx(
+    workdir: Path, root: Path, count: int = 2, workers: int = 2
+) -> tuple[Service, list[int]]:
     """One nginx serving the static tree on `count` ports (one per backend)."""
     binary = find_tool("nginx")
     assert binary is not None
@@ -260,23 +282,40 @@ http {{
 """
     )
     service = _spawn(
-        "nginx", [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")], workdir
+        "nginx",
+        [
+            binary,
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-c",
+            str(prefix / "nginx.conf"),
+        ],
+        workdir,
     )
     for port in ports:
-        _started(service, f"nginx on {port}", lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        _started(
+            service,
+            f"nginx on {port}",
+            lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200,
+        )
     return service, ports
 
 
 # --- proxies --------------------------------------------------------------------------
 
 
-def start_haproxy(workdir: Path, backend_ports: list[int], tag: str) -> tuple[Service, int, int]:
+def start_haproxy(
+    workdir: Path, backend_ports: list[int], tag: str
+) -> tuple[Service, int, int]:
     """HAProxy with two frontends: round-robin and `balance source`."""
     binary = find_tool("haproxy")
     assert binary is not None
     rr_port, source_port = free_port(), free_port()
     servers = "\n".join(
-        f"  server b{i} 127.0.0.1:{port} check inter 2s" for i, port in enumerate(backend_ports)
+        f"  server b{i} 127.0.0.1:{port} check inter 2s"
+        for i, port in enumerate(backend_ports)
     )
     config = workdir / f"haproxy-{tag}.cfg"
     config.write_text(
@@ -305,7 +344,11 @@ backend source
     )
     service = _spawn(f"haproxy-{tag}", [binary, "-db", "-f", str(config)], workdir)
     for port in (rr_port, source_port):
-        _started(service, f"haproxy on {port}", lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        _started(
+            service,
+            f"haproxy on {port}",
+            lambda p=port: http_status(f"http://127.0.0.1:{p}/v2/") == 200,
+        )
     return service, rr_port, source_port
 
 
@@ -317,13 +360,18 @@ class ZotlbService(Service):
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def start_zotlb(workdir: Path, backend_ports: list[int], tag: str, workers: int = 1) -> ZotlbService:
+def start_zotlb(
+    workdir: Path, backend_ports: list[int], tag: str, workers: int = 1
+) -> ZotlbService:
     """zotlb from this checkout (not an installed copy), one process per worker."""
     port, admin_port = free_port(), free_port()
     config: dict[str, object] = {
         "listen": f"127.0.0.1:{port}",
         "mode": "active-active",
-        "backends": [{"name": f"b{i}", "url": f"http://127.0.0.1:{p}"} for i, p in enumerate(backend_ports)],
+        "backends": [
+            {"name": f"b{i}", "url": f"http://127.0.0.1:{p}"}
+            for i, p in enumerate(backend_ports)
+        ],
         "health": {"interval": "2s", "timeout": "1s"},
         # The backends share storage, as HAProxy's do: nothing to copy.
         "replication": {"mode": "off"},
@@ -335,7 +383,10 @@ def start_zotlb(workdir: Path, backend_ports: list[int], tag: str, workers: int 
         config["workers"] = workers
     path = workdir / f"zotlb-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     log = workdir / f"zotlb-{tag}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -346,13 +397,17 @@ def start_zotlb(workdir: Path, backend_ports: list[int], tag: str, workers: int 
             cwd=REPO,
             env=env,
         )
-    service = ZotlbService(f"zotlb-{tag}", proc, log, port=port, admin_port=admin_port, workers=workers)
+    service = ZotlbService(
+        f"zotlb-{tag}", proc, log, port=port, admin_port=admin_port, workers=workers
+    )
     # The admin listener opens last, after every worker's proxy listener.
     _started(
         service,
         f"zotlb on {port}",
-        lambda: http_status(f"http://127.0.0.1:{admin_port}/status") == 200
-        and http_status(f"http://127.0.0.1:{port}/v2/") == 200,
+        lambda: (
+            http_status(f"http://127.0.0.1:{admin_port}/status") == 200
+            and http_status(f"http://127.0.0.1:{port}/v2/") == 200
+        ),
         timeout=30,
     )
     return service
@@ -370,7 +425,9 @@ class RSSSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             for service in self.services:
-                self.peak[service.name] = max(self.peak[service.name], service.rss_kib())
+                self.peak[service.name] = max(
+                    self.peak[service.name], service.rss_kib()
+                )
             self._stop.wait(0.02)
 
     def __enter__(self) -> RSSSampler:

@@ -69,7 +69,11 @@ class Target:
     def met(self) -> bool | None:
         if self.value is None:
             return None
-        return self.value >= self.threshold if self.op == ">=" else self.value < self.threshold
+        return (
+            self.value >= self.threshold
+            if self.op == ">="
+            else self.value < self.threshold
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,7 +93,9 @@ class Results:
         self.figures: dict[str, Figure] = {}
         self.targets: list[Target] = []
 
-    def figure(self, key: str, title: str, unit: str, higher_is_better: bool = True) -> Figure:
+    def figure(
+        self, key: str, title: str, unit: str, higher_is_better: bool = True
+    ) -> Figure:
         if key not in self.figures:
             self.figures[key] = Figure(key, title, unit, higher_is_better)
         return self.figures[key]
@@ -120,14 +126,21 @@ class Results:
         ]
         for fig in self.figures.values():
             cells = [_cell(fig, col) for col in COLUMNS]
-            ratios = [_ratio(fig.ratio("zotlb", "haproxy")), _ratio(fig.ratio("zotlb", "direct"))]
+            ratios = [
+                _ratio(fig.ratio("zotlb", "haproxy")),
+                _ratio(fig.ratio("zotlb", "direct")),
+            ]
             unit = fig.unit + ("" if fig.higher_is_better else " (lower is better)")
-            lines.append(f"| {fig.title} | {unit} | " + " | ".join(cells + ratios) + " |")
+            lines.append(
+                f"| {fig.title} | {unit} | " + " | ".join(cells + ratios) + " |"
+            )
         lines += ["", "| target | wanted | measured | met |", "|---|---|---:|---|"]
         for t in self.targets:
             measured = "n/a" if t.value is None else f"{t.value:.3g}"
             met = {True: "yes", False: "**no**", None: "n/a"}[t.met]
-            lines.append(f"| {t.name} | {t.measure} {t.op} {t.threshold:g} | {measured} | {met} |")
+            lines.append(
+                f"| {t.name} | {t.measure} {t.op} {t.threshold:g} | {measured} | {met} |"
+            )
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: Path, stem: str) -> dict[str, Path]:
@@ -157,8 +170,18 @@ class Results:
         height = 1.2 + 0.35 * max(1, len(rows))
         fig, ax = plt.subplots(figsize=(9, height))
         ys = range(len(rows))
-        ax.barh([y + 0.2 for y in ys], [r[1] or 0 for r in rows], 0.4, label="zotlb / HAProxy")
-        ax.barh([y - 0.2 for y in ys], [r[2] or 0 for r in rows], 0.4, label="zotlb / direct")
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [r[1] or 0 for r in rows],
+            0.4,
+            label="zotlb / HAProxy",
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [r[2] or 0 for r in rows],
+            0.4,
+            label="zotlb / direct",
+        )
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=8)
         ax.invert_yaxis()

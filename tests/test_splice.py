@@ -77,7 +77,9 @@ async def test_relay_reports_a_backend_that_ends_early():
 async def test_relay_reports_a_client_that_went_away():
     backend_w, backend_r = await _tcp_pair()
     client_r, client_w = await _tcp_pair()
-    client_r.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client_r.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
     client_r.close()  # a reset: the relay's writes fail
     loop = asyncio.get_running_loop()
     sender = asyncio.ensure_future(loop.sock_sendall(backend_w, b"y" * (8 * MIB)))
@@ -116,7 +118,9 @@ def test_big_body_is_exact_and_the_connection_stays_usable(echo_lb):  # noqa: F8
         small = conn.getresponse()
         assert small.status == 200 and small.read() == b"{}"
     conn.close()
-    sizes = [e["bytes_out"] for e in echo_lb.events("request") if e["path"] == "/v2/stream/8"]
+    sizes = [
+        e["bytes_out"] for e in echo_lb.events("request") if e["path"] == "/v2/stream/8"
+    ]
     assert sizes == [8 * MIB, 8 * MIB]
 
 

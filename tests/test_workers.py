@@ -55,7 +55,10 @@ def test_workers_share_the_port_and_stop_together(tmp_path, registries):
         assert len(children) == 1
         # Both processes hold a listening socket on the proxy port.
         for pid in (lb.proc.pid, *children):
-            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            inodes = {
+                os.readlink(f"/proc/{pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{pid}/fd")
+            }
             assert any(i.startswith("socket:") for i in inodes)
         _connect_many(lb)
         status, _, _ = http("GET", lb.url + "/v2/")
@@ -65,7 +68,10 @@ def test_workers_share_the_port_and_stop_together(tmp_path, registries):
         code = lb.stop()
     assert code == 0
     for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
     assert len([e for e in lb.events("server.stopped")]) == 2
 
 

@@ -66,7 +66,9 @@ async def relay(src_fd: int, dst_fd: int, count: int, idle_timeout: float) -> in
             moved = False
             if remaining and in_pipe < capacity:
                 try:
-                    n = os.splice(src, pipe_w, min(remaining, capacity - in_pipe), flags=_FLAGS)
+                    n = os.splice(
+                        src, pipe_w, min(remaining, capacity - in_pipe), flags=_FLAGS
+                    )
                 except BlockingIOError:
                     n = -1
                 except (ConnectionResetError, BrokenPipeError) as exc:
@@ -102,7 +104,10 @@ async def relay(src_fd: int, dst_fd: int, count: int, idle_timeout: float) -> in
 
 
 async def _ready(
-    loop: asyncio.AbstractEventLoop, readable: int | None, writable: int | None, timeout: float
+    loop: asyncio.AbstractEventLoop,
+    readable: int | None,
+    writable: int | None,
+    timeout: float,
 ) -> None:
     """Until src is readable or dst writable (whichever is being waited for)."""
     waiter = loop.create_future()

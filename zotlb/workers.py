@@ -79,20 +79,23 @@ class _Worker(Server):
 class _Parent(Server):
     """Worker 0: also supervises the forked workers."""
 
-    def __init__(self, cfg: LBConfig, config_path: str | None, children: list[int]) -> None:
+    def __init__(
+        self, cfg: LBConfig, config_path: str | None, children: list[int]
+    ) -> None:
         super().__init__(cfg, config_path)
         self.reuse_port = True
         self.children = children
         self.exit_code = 0
-        self._pidfds: list[int] = []
+        self._pidfds: dict[int, int] = {}
+        self._child_gone = asyncio.Event()
 
     async def start(self) -> None:
         # A pidfd turns readable when its process exits (uvloop keeps SIGCHLD).
         loop = asyncio.get_running_loop()
         for pid in self.children:
             fd = os.pidfd_open(pid)
-            self._pidfds.append(fd)
-            loop.add_reader(fd, self._on_child_exit)
+            self._pidfds[pid] = fd
+            loop.add_reader(fd, self._on_child_exit, pid)
         await super().start()
 
     async def reload(self) -> list[str]:
@@ -103,27 +106,28 @@ class _Parent(Server):
 
     # A drain is per process and the workers cannot be told: the admin API
     # refuses it rather than drain one worker of N.
-    drain_refused = "drain and enable act on one process; not available with workers > 1"
+    drain_refused = (
+        "drain and enable act on one process; not available with workers > 1"
+    )
 
     async def stop(self) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in self._pidfds:
-            loop.remove_reader(fd)
-            os.close(fd)
-        self._pidfds.clear()
         self._signal_children(signal.SIGTERM)
         await super().stop()
+        # Each worker drains its own connections within the same grace.
         deadline = time.monotonic() + self.cfg.timeouts.shutdown_grace + 5
-        while self.children and time.monotonic() < deadline:
-            self._reap()
-            if self.children:
-                await asyncio.sleep(0.05)
+        while self.children:
+            self._child_gone.clear()
+            left = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self._child_gone.wait(), max(left, 0.001))
+            except TimeoutError:
+                break
         if self.children:
             log.error("workers.killed", pids=self.children)
             self._signal_children(signal.SIGKILL)
             self.exit_code = 1
-            for pid in self.children:
-                os.waitpid(pid, 0)
+        for pid in list(self.children):
+            self._forget(pid, block=True)
 
     def _signal_children(self, signum: int) -> None:
         for pid in self.children:
@@ -132,31 +136,38 @@ class _Parent(Server):
             except ProcessLookupError:
                 pass
 
-    def _reap(self) -> list[tuple[int, int]]:
-        gone = []
-        for pid in list(self.children):
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                self.children.remove(pid)
-                code = os.waitstatus_to_exitcode(status)
-                gone.append((pid, code))
-                if code != 0:
-                    self.exit_code = 1
-        return gone
+    def _forget(self, pid: int, block: bool = False) -> int | None:
+        """Reap one worker: its exit code, or None while it still runs."""
+        try:
+            done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if not done:
+            return None
+        self.children.remove(pid)
+        fd = self._pidfds.pop(pid, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            self.exit_code = 1
+        return code
 
-    def _on_child_exit(self) -> None:
-        if self.stopping.is_set():
+    def _on_child_exit(self, pid: int) -> None:
+        code = self._forget(pid)
+        if code is None:
             return
-        for pid, code in self._reap():
+        self._child_gone.set()
+        if not self.stopping.is_set():
             log.error("worker.exited", pid=pid, exit_code=code)
             self.exit_code = 1
             self.stopping.set()
 
 
-def run_workers(cfg: LBConfig, config_path: str | None, loop_factory: Callable[[], Any] | None) -> int:
+def run_workers(
+    cfg: LBConfig, config_path: str | None, loop_factory: Callable[[], Any] | None
+) -> int:
     """Fork the workers, wait until each listens, then serve as worker 0."""
     count = cfg.worker_count
     ready_r, ready_w = os.pipe()
@@ -195,7 +206,11 @@ def run_workers(cfg: LBConfig, config_path: str | None, loop_factory: Callable[[
 
 
 def _run_child(
-    cfg: LBConfig, config_path: str | None, loop_factory: Callable[[], Any] | None, index: int, ready_fd: int
+    cfg: LBConfig,
+    config_path: str | None,
+    loop_factory: Callable[[], Any] | None,
+    index: int,
+    ready_fd: int,
 ) -> int:
     try:
         _die_with_parent()
@@ -218,7 +233,10 @@ def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM still reaches us
+    except (
+        OSError,
+        AttributeError,
+    ):  # not Linux: the parent's SIGTERM still reaches us
         pass
 
 
