@@ -65,6 +65,26 @@ class _ClientGone(Exception):
     pass
 
 
+# aiohttp 3.10+ tells a connect timeout apart from a read timeout.
+_ConnectTimeout: type[Exception] = getattr(
+    aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError
+)
+
+
+def _connect_failure(backend: Backend, exc: Exception) -> tuple[ProxyError, str]:
+    """What the client hears, and the reason logged, when no connection was made."""
+    if isinstance(exc, _ConnectTimeout):
+        message = f"backend {backend.name} did not accept a connection in time"
+        return BackendTimeout(message), "connect timed out"
+    reason = str(getattr(exc, "os_error", None) or exc)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # Certificate not trusted, wrong host name, or no TLS on the other end.
+        return BackendBroken(f"backend {backend.name}: TLS handshake failed"), (
+            f"TLS handshake failed: {reason}"
+        )
+    return BackendBroken(f"backend {backend.name} refused the connection"), reason
+
+
 @dataclass(slots=True)
 class _Miss:
     backend: Backend
@@ -222,11 +242,11 @@ class Proxy:
                 out.retries += 1
             try:
                 upstream = await self._send(request, backend, route, headers, has_body, out)
-            except aiohttp.ClientConnectorError as exc:
+            except (aiohttp.ClientConnectorError, _ConnectTimeout) as exc:
                 # Nothing was sent: any request may go elsewhere.
-                self.pool.mark_down(backend, f"connect failed: {exc.os_error or exc}")
+                error, reason = _connect_failure(backend, exc)
+                self.pool.mark_down(backend, f"connect failed: {reason}")
                 self._note_retry(backend, "connect", has_next, route)
-                error = BackendBroken(f"backend {backend.name} refused the connection")
                 continue
             except TimeoutError:
                 if not has_body:
@@ -325,6 +345,7 @@ class Proxy:
                 timeout=self.timeout,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                 compress=None,
+                ssl=backend.tls,
             )
         finally:
             backend.in_flight -= 1
