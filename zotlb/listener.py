@@ -66,19 +66,19 @@ class _Handler(RequestHandler):
         self._on_limit = on_limit
 
     def data_received(self, data: bytes) -> None:
-        # `_waiter` is pending exactly while aiohttp waits for the next
-        # request's headers; while a request is handled it is None.
-        waiter = self._waiter
-        if self._header_timer is None and waiter is not None and not waiter.done():
-            self._header_timer = self._loop.call_later(
-                self._header_timeout, self._on_header_timeout
-            )
         super().data_received(data)
-        if self._header_timer is not None:
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                self._header_timer.cancel()
-                self._header_timer = None
+        # `_waiter` is pending exactly while aiohttp waits for a request head
+        # it has not got whole yet; it is None while a request is handled.
+        # A head that arrives in one piece never starts the timer.
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._header_timer is None:
+                self._header_timer = self._loop.call_later(
+                    self._header_timeout, self._on_header_timeout
+                )
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
