@@ -23,6 +23,7 @@ from conftest import (
     needs_skopeo,
     skopeo,
     start_zotlb,
+    wait_until,
 )
 
 pytest.importorskip("cryptography")
@@ -166,15 +167,27 @@ class TLSRegistry(Registry):
 
 
 @pytest.fixture
-def tls_registry(tmp_path, ca):
-    pair = ca.issue("registry")
-    plain = make_registry(tmp_path / "tls-registry", "secure")
-    cfg = yaml.safe_load(plain.config.read_text())
-    cfg["http"]["tls"] = {"certificate": str(pair.cert), "key": str(pair.key)}
-    plain.config.write_text(yaml.safe_dump(cfg))
-    reg = TLSRegistry(plain.name, plain.port, plain.root, plain.config, ca_file=ca.pem)
-    yield reg.start()
-    reg.stop()
+def tls_registry_factory(tmp_path, ca):
+    started = []
+
+    def factory(name: str) -> TLSRegistry:
+        pair = ca.issue(f"registry-{name}")
+        plain = make_registry(tmp_path / f"tls-registry-{name}", name)
+        cfg = yaml.safe_load(plain.config.read_text())
+        cfg["http"]["tls"] = {"certificate": str(pair.cert), "key": str(pair.key)}
+        plain.config.write_text(yaml.safe_dump(cfg))
+        reg = TLSRegistry(plain.name, plain.port, plain.root, plain.config, ca_file=ca.pem)
+        started.append(reg.start())
+        return reg
+
+    yield factory
+    for reg in started:
+        reg.stop()
+
+
+@pytest.fixture
+def tls_registry(tls_registry_factory):
+    return tls_registry_factory("secure")
 
 
 @needs_registry
@@ -271,3 +284,34 @@ def test_unusable_certificates_name_their_key(tmp_path, ca):
         assert result.returncode == 2, (expected, result.stdout, result.stderr)
         assert expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+@needs_registry
+def test_replication_between_https_backends_uses_their_ca(tls_registry_factory, tmp_path, ca):
+    from replhelp import push_small, small_image
+
+    a, b = tls_registry_factory("a"), tls_registry_factory("b")
+    cfg = lb_config([a, b], replication={"mode": "async"})
+    for backend in cfg["backends"]:
+        backend["tls"] = {"ca_file": str(ca.pem)}
+    lb = start_zotlb(tmp_path, cfg)
+    try:
+        image = small_image("tls")
+        push_small(lb.url, "secure/app", "v1", image)
+        wait_until(
+            lambda: len(lb.events("replication.copied")) >= 1
+            or lb.events("replication.failed"),
+            10,
+            "the copy",
+        )
+        assert not lb.events("replication.failed"), lb.events("replication.failed")
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        for reg in (a, b):
+            status, headers, _ = https_get(
+                reg.port, "/v2/secure/app/manifests/v1", ca, headers=accept
+            )
+            assert status == 200, reg.name
+            digest = {k.lower(): v for k, v in headers.items()}["docker-content-digest"]
+            assert digest == image["digest"]
+    finally:
+        lb.stop()
