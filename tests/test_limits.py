@@ -24,6 +24,7 @@ class ScriptedBackend:
     - GET /v2/stall: promises 1 MiB, sends 256 KiB, then goes silent
     - GET /v2/trickle/<n>/<ms>: n KiB, one KiB every <ms> milliseconds
     - PUT /v2/sink: reads the whole body, answers its length
+    - PUT /v2/deaf: reads the request head, then neither reads nor answers
     """
 
     def __init__(self) -> None:
@@ -74,6 +75,8 @@ class ScriptedBackend:
             for _ in range(kib):
                 time.sleep(delay)
                 conn.sendall(b"t" * KIB)
+        elif method == "PUT" and path == "/v2/deaf":
+            self.release.wait(30)
         elif method == "PUT" and path == "/v2/sink":
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
             got = len(rest)
@@ -362,3 +365,40 @@ def test_stalled_backend_mid_body_breaks_the_client_connection(make_lb):
     assert len(body) < 1024 * KIB
     assert 0.4 <= took <= 2.0, took
     assert lb.events("request.truncated")
+
+
+def test_backend_that_stops_reading_an_upload_is_cut(make_lb):
+    lb = make_lb(timeouts={"read": "500ms"})
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
+        size = 256 * 1024 * KIB
+        sock.sendall(
+            b"PUT /v2/deaf HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\n" % size
+        )
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            chunk = b"d" * (256 * KIB)
+            try:
+                while sent < size:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        started = time.monotonic()
+        sender.start()
+        try:
+            reply = sock.recv(4096)
+        except ConnectionResetError:
+            reply = b""
+        took = time.monotonic() - started
+        sender.join(10)
+    # Socket buffers fill within moments; then the read timeout runs out.
+    # (After the 504 zotlb reads and drops the rest of the upload.)
+    assert took < 5, took
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 504"), reply[:200]
+    wait_until(lambda: lb.events("request.failed"), 5, "request.failed")
+    assert lb.events("request.failed")[0]["status"] == 504

@@ -220,7 +220,7 @@ class LimitsConfig(_Section):
     # The most header fields one request may carry.
     max_headers: int = Field(128, ge=16, le=10_000)
     # Client connections open at once; beyond it new ones get a 503.
-    max_connections: int = Field(10_000, ge=1)
+    max_connections: int = Field(8192, ge=1)
 
 
 class ListenTLS(_Section):

@@ -85,6 +85,50 @@ def _connect_failure(backend: Backend, exc: Exception) -> tuple[ProxyError, str]
     return BackendBroken(f"backend {backend.name} refused the connection"), reason
 
 
+class _UploadWatch:
+    """timeouts.read for request bodies: the backend must keep taking bytes.
+
+    aiohttp's read timeout starts once the body is sent, so a backend that
+    stops reading mid-upload would hold the request (and the client) forever.
+    The clock runs only while a chunk waits for the backend to take it.
+    """
+
+    __slots__ = ("_limit", "_timeout")
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        timeout, self._timeout = self._timeout, None
+        assert timeout is not None
+        return await timeout.__aexit__(*exc_info)  # type: ignore[arg-type]
+
+    def handed_over(self) -> None:
+        if self._timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._timeout.reschedule(loop.time() + self._limit)
+
+    def taken(self) -> None:
+        if self._timeout is not None:
+            self._timeout.reschedule(None)
+
+
+class _NoWatch(_UploadWatch):
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+_NO_WATCH = _NoWatch(0)
+
+
 @dataclass(slots=True)
 class _Miss:
     backend: Backend
@@ -332,28 +376,34 @@ class Proxy:
         out: _Outcome,
     ) -> aiohttp.ClientResponse:
         url = URL(backend.origin + route.target, encoded=True)
-        body = self._body(request, out) if has_body else None
+        watch = _UploadWatch(self.cfg.timeouts.read) if has_body else _NO_WATCH
+        body = self._body(request, out, watch) if has_body else None
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
         try:
-            return await self.session.request(
-                route.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self.timeout,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                compress=None,
-                ssl=backend.tls,
-            )
+            async with watch:
+                return await self.session.request(
+                    route.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    compress=None,
+                    ssl=backend.tls,
+                )
         finally:
             backend.in_flight -= 1
             self.metrics.in_flight.labels(backend.name).dec()
 
-    async def _body(self, request: web.Request, out: _Outcome) -> AsyncIterator[bytes]:
+    async def _body(
+        self, request: web.Request, out: _Outcome, watch: _UploadWatch
+    ) -> AsyncIterator[bytes]:
         content = request.content
         while True:
+            # Time spent waiting for the client is not the backend's.
+            watch.taken()
             chunk = await content.readany()
             if not chunk:
                 return
@@ -363,6 +413,7 @@ class Proxy:
                     out.manifest.extend(chunk)
                 else:
                     out.manifest = None
+            watch.handed_over()
             yield chunk
 
     async def _read_miss(self, backend: Backend, upstream: aiohttp.ClientResponse) -> _Miss:
