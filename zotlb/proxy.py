@@ -90,39 +90,64 @@ class _UploadWatch:
 
     aiohttp's read timeout starts once the body is sent, so a backend that
     stops reading mid-upload would hold the request (and the client) forever.
-    The clock runs only while a chunk waits for the backend to take it.
+    The body generator only flags each hand-over (cheap, once per chunk); a
+    timer looks every half limit and cancels the request once the same chunk
+    was still waiting at two looks after the one that first saw it: after
+    1 to 1.5 limits of silence.
     """
 
-    __slots__ = ("_limit", "_timeout")
+    __slots__ = ("_checks", "_handed", "_limit", "_seen", "_task", "_timer", "_waiting")
 
     def __init__(self, limit: float) -> None:
         self._limit = limit
-        self._timeout: asyncio.Timeout | None = None
+        self._handed = 0
+        self._waiting = False
+        self._seen = -1
+        self._checks = 0
+        self._task: asyncio.Task[object] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> None:
-        self._timeout = asyncio.timeout(None)
-        await self._timeout.__aenter__()
+        self._task = asyncio.current_task()
+        self._timer = asyncio.get_running_loop().call_later(self._limit / 2, self._check)
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
-        timeout, self._timeout = self._timeout, None
-        assert timeout is not None
-        return await timeout.__aexit__(*exc_info)  # type: ignore[arg-type]
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        expired = self._checks >= 2
+        self._task = None
+        if expired and exc_type is asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            raise TimeoutError("the backend stopped taking the request body")
+
+    def _check(self) -> None:
+        if self._waiting and self._handed == self._seen:
+            self._checks += 1
+        else:
+            self._checks = 0
+        self._seen = self._handed
+        if self._checks >= 2 and self._task is not None:
+            self._timer = None
+            self._task.cancel()
+            return
+        self._timer = asyncio.get_running_loop().call_later(self._limit / 2, self._check)
 
     def handed_over(self) -> None:
-        if self._timeout is not None:
-            loop = asyncio.get_running_loop()
-            self._timeout.reschedule(loop.time() + self._limit)
+        self._handed += 1
+        self._waiting = True
 
     def taken(self) -> None:
-        if self._timeout is not None:
-            self._timeout.reschedule(None)
+        self._waiting = False
 
 
 class _NoWatch(_UploadWatch):
     async def __aenter__(self) -> None:
         pass
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         pass
 
 
