@@ -249,9 +249,9 @@ def test_https_backend_with_an_unknown_ca_is_refused(tls_registry, tmp_path):
 # --- bad TLS settings are config errors ------------------------------------------------
 
 
-def zotlb_check(path: Path) -> subprocess.CompletedProcess[str]:
+def zotlb_run(command: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zotlb", "check", "-c", str(path)],
+        [sys.executable, "-m", "zotlb", command, "-c", str(path)],
         capture_output=True, text=True, timeout=30,
     )
 
@@ -280,10 +280,13 @@ def test_unusable_certificates_name_their_key(tmp_path, ca):
             cfg["backends"][0]["tls"] = backend_tls
         path = tmp_path / "lb.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        result = zotlb_check(path)
-        assert result.returncode == 2, (expected, result.stdout, result.stderr)
-        assert expected in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
+        # `serve` reads them the same way; once per kind is enough.
+        commands = ("check", "serve") if "cannot load" in expected else ("check",)
+        for command in commands:
+            result = zotlb_run(command, path)
+            assert result.returncode == 2, (expected, result.stdout, result.stderr)
+            assert expected in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
 
 
 @needs_registry
@@ -313,5 +316,36 @@ def test_replication_between_https_backends_uses_their_ca(tls_registry_factory, 
             assert status == 200, reg.name
             digest = {k.lower(): v for k, v in headers.items()}["docker-content-digest"]
             assert digest == image["digest"]
+    finally:
+        lb.stop()
+
+
+@needs_registry
+def test_reload_adds_an_https_backend_and_refuses_a_bad_ca_file(
+    registries, tls_registry, tmp_path, ca
+):
+    import signal
+
+    a, _ = registries
+    cfg = lb_config([a], replication={"mode": "off"})
+    lb = start_zotlb(tmp_path, cfg)
+    try:
+        garbage = tmp_path / "garbage.pem"
+        garbage.write_text("not a certificate\n")
+        secure = {"name": "secure", "url": tls_registry.url, "tls": {"ca_file": str(garbage)}}
+        cfg["backends"].append(secure)
+        lb.config_path.write_text(yaml.safe_dump(cfg))
+        lb.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: lb.events("config.reload.failed"), 10, "the refused reload")
+        problems = lb.events("config.reload.failed")[0]["problems"]
+        assert problems and problems[0].startswith("backends[1].tls.ca_file: cannot load")
+        assert [b["name"] for b in lb.status()["backends"]] == ["a"]
+
+        secure["tls"]["ca_file"] = str(ca.pem)
+        lb.config_path.write_text(yaml.safe_dump(cfg))
+        lb.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: lb.events("config.reloaded"), 10, "the reload")
+        # New backends start down and come up by passing probes over TLS.
+        wait_until(lambda: lb.backend_state("secure") == "up", 10, "secure up")
     finally:
         lb.stop()
