@@ -368,7 +368,9 @@ def test_stalled_backend_mid_body_breaks_the_client_connection(make_lb):
 
 
 def test_backend_that_stops_reading_an_upload_is_cut(make_lb):
-    lb = make_lb(timeouts={"read": "500ms"})
+    # A short grace: aiohttp may still be draining the rest of the upload
+    # (lingering close) when the test ends, and SIGTERM would wait for it.
+    lb = make_lb(timeouts={"read": "500ms", "shutdown_grace": "1s"})
     with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
         size = 256 * 1024 * KIB
         sock.sendall(

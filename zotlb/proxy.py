@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
+import aiohttp.payload
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -91,12 +93,13 @@ class _UploadWatch:
     aiohttp's read timeout starts once the body is sent, so a backend that
     stops reading mid-upload would hold the request (and the client) forever.
     The body generator only flags each hand-over (cheap, once per chunk); a
-    timer looks every half limit and cancels the request once the same chunk
-    was still waiting at two looks after the one that first saw it: after
-    1 to 1.5 limits of silence.
+    timer looks every half limit, and once the same chunk was still waiting
+    at two looks after the one that first saw it (1 to 1.5 limits of
+    silence) it aborts the backend connection. Abort, not close: a close
+    waits for the unsent bytes to drain, which a deaf backend never allows.
     """
 
-    __slots__ = ("_checks", "_handed", "_limit", "_seen", "_task", "_timer", "_waiting")
+    __slots__ = ("_checks", "_handed", "_limit", "_seen", "_timer", "_waiting", "transport")
 
     def __init__(self, limit: float) -> None:
         self._limit = limit
@@ -104,24 +107,21 @@ class _UploadWatch:
         self._waiting = False
         self._seen = -1
         self._checks = 0
-        self._task: asyncio.Task[object] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.BaseTransport | None = None
 
-    async def __aenter__(self) -> None:
-        self._task = asyncio.current_task()
-        self._timer = asyncio.get_running_loop().call_later(self._limit / 2, self._check)
+    @property
+    def expired(self) -> bool:
+        return self._checks >= 2
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limit / 2, self._check)
+
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        expired = self._checks >= 2
-        self._task = None
-        if expired and exc_type is asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            raise TimeoutError("the backend stopped taking the request body")
 
     def _check(self) -> None:
         if self._waiting and self._handed == self._seen:
@@ -129,11 +129,12 @@ class _UploadWatch:
         else:
             self._checks = 0
         self._seen = self._handed
-        if self._checks >= 2 and self._task is not None:
+        if self.expired and self.transport is not None:
             self._timer = None
-            self._task.cancel()
+            self.transport.abort()
             return
-        self._timer = asyncio.get_running_loop().call_later(self._limit / 2, self._check)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limit / 2, self._check)
 
     def handed_over(self) -> None:
         self._handed += 1
@@ -144,11 +145,28 @@ class _UploadWatch:
 
 
 class _NoWatch(_UploadWatch):
-    async def __aenter__(self) -> None:
+    __slots__ = ()
+
+    def start(self) -> None:
         pass
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        pass
+
+class _WatchedBody(aiohttp.payload.AsyncIterablePayload):
+    """A streamed request body that tells its watch which connection it is on."""
+
+    def __init__(self, value: AsyncIterator[bytes], watch: _UploadWatch) -> None:
+        super().__init__(value)
+        self._watch = watch
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._watch.transport = getattr(writer, "transport", None)
+        await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._watch.transport = getattr(writer, "transport", None)
+        await super().write_with_length(writer, content_length)
 
 
 _NO_WATCH = _NoWatch(0)
@@ -402,23 +420,28 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         url = URL(backend.origin + route.target, encoded=True)
         watch = _UploadWatch(self.cfg.timeouts.read) if has_body else _NO_WATCH
-        body = self._body(request, out, watch) if has_body else None
+        body = _WatchedBody(self._body(request, out, watch), watch) if has_body else None
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
+        watch.start()
         try:
-            async with watch:
-                return await self.session.request(
-                    route.method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=self.timeout,
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
-                    compress=None,
-                    ssl=backend.tls,
-                )
+            return await self.session.request(
+                route.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=self.timeout,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                compress=None,
+                ssl=backend.tls,
+            )
+        except aiohttp.ClientError:
+            if watch.expired:
+                raise TimeoutError("the backend stopped taking the request body") from None
+            raise
         finally:
+            watch.stop()
             backend.in_flight -= 1
             self.metrics.in_flight.labels(backend.name).dec()
 
