@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client as httpclient
 import json
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -367,7 +369,8 @@ def test_stalled_backend_mid_body_breaks_the_client_connection(make_lb):
     assert lb.events("request.truncated")
 
 
-def test_backend_that_stops_reading_an_upload_is_cut(make_lb):
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_backend_that_stops_reading_an_upload_is_cut(make_lb, backend):
     # A short grace: aiohttp may still be draining the rest of the upload
     # (lingering close) when the test ends, and SIGTERM would wait for it.
     lb = make_lb(timeouts={"read": "500ms", "shutdown_grace": "1s"})
@@ -404,3 +407,15 @@ def test_backend_that_stops_reading_an_upload_is_cut(make_lb):
     assert reply == b"" or reply.startswith(b"HTTP/1.1 504"), reply[:200]
     wait_until(lambda: lb.events("request.failed"), 5, "request.failed")
     assert lb.events("request.failed")[0]["status"] == 504
+    # zotlb's connection to the backend is gone, not left trying to flush
+    # megabytes into a backend that will never read them.
+    wait_until(lambda: not stuck_uploads(backend.port), 3, "the backend connection closed")
+
+
+def stuck_uploads(port: int) -> list[str]:
+    """Connections to port with more than 64 KiB waiting in their send queue."""
+    listing = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( dport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [line for line in listing.splitlines() if int(line.split()[1]) > 64 * KIB]
