@@ -51,10 +51,15 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 True,
             )
@@ -70,8 +75,12 @@ class CA:
         (out / "ca.crt").write_bytes(self.pem.read_bytes())
         return out
 
-    def issue(self, name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-              client: bool = False) -> Pair:
+    def issue(
+        self,
+        name: str,
+        hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+        client: bool = False,
+    ) -> Pair:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         alt: list[x509.GeneralName] = []
@@ -80,7 +89,11 @@ class CA:
                 alt.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 alt.append(x509.DNSName(host))
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usage = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))

@@ -1,11 +1,21 @@
 """Registries with htpasswd basic auth behind zotlb."""
+# ruff: noqa: F811
 
 from __future__ import annotations
 
 import base64
 
 import pytest
-from conftest import http, layout_digest, needs_registry, needs_skopeo, skopeo, wait_until
+from conftest import (
+    http,
+    layout_digest,
+    needs_registry,
+    needs_skopeo,
+    skopeo,
+    wait_until,
+)
+
+# The htpasswd registries fixture; tests take it by name (ruff: F811).
 from test_replication_auth import AUTH, PASSWORD, USER, auth_registries  # noqa: F401
 
 pytestmark = [needs_registry]
@@ -25,25 +35,41 @@ def _last_probe(lb, name: str) -> dict:
 
 
 @needs_skopeo
-def test_push_and_pull_with_credentials(auth_registries, zotlb_factory, image_factory, tmp_path):
+def test_push_and_pull_with_credentials(
+    auth_registries, zotlb_factory, image_factory, tmp_path
+):
     a, b = auth_registries
     lb = zotlb_factory([a, b], replication={"mode": "off"}, log={"level": "debug"})
     image = image_factory("v1")
     dest = f"docker://{lb.hostport}/private/app:v1"
     creds = f"{USER}:{PASSWORD}"
 
-    anonymous = skopeo("copy", "--dest-tls-verify=false", "--retry-times=0", image.ref, dest)
+    anonymous = skopeo(
+        "copy", "--dest-tls-verify=false", "--retry-times=0", image.ref, dest
+    )
     assert anonymous.returncode != 0
     assert "unauthorized" in anonymous.stderr.lower(), anonymous.stderr
 
     pushed = skopeo(
-        "copy", "--preserve-digests", "--dest-tls-verify=false", "--retry-times=0",
-        "--dest-creds", creds, image.ref, dest,
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        "--retry-times=0",
+        "--dest-creds",
+        creds,
+        image.ref,
+        dest,
     )
     assert pushed.returncode == 0, pushed.stderr
     pulled = skopeo(
-        "copy", "--preserve-digests", "--src-tls-verify=false", "--retry-times=0",
-        "--src-creds", creds, dest, f"oci:{tmp_path / 'pulled'}:v1",
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--retry-times=0",
+        "--src-creds",
+        creds,
+        dest,
+        f"oci:{tmp_path / 'pulled'}:v1",
     )
     assert pulled.returncode == 0, pulled.stderr
     assert layout_digest(tmp_path / "pulled", "v1") == image.manifest_digest
@@ -57,20 +83,30 @@ def test_push_and_pull_with_credentials(auth_registries, zotlb_factory, image_fa
         assert secret not in reported
 
 
-def test_wrong_credentials_get_the_backends_401_untouched(auth_registries, zotlb_factory):
+def test_wrong_credentials_get_the_backends_401_untouched(
+    auth_registries, zotlb_factory
+):
     a, b = auth_registries
     lb = zotlb_factory([a, b], replication={"mode": "off"})
     wrong = {
         "Authorization": "Basic " + base64.b64encode(f"{USER}:wrong".encode()).decode()
     }
-    for path in ("/v2/", "/v2/private/app/manifests/v1", "/v2/private/app/blobs/uploads/"):
+    for path in (
+        "/v2/",
+        "/v2/private/app/manifests/v1",
+        "/v2/private/app/blobs/uploads/",
+    ):
         method = "POST" if path.endswith("uploads/") else "GET"
         direct = http(method, a.url + path, headers=wrong)
         via = http(method, lb.url + path, headers=wrong)
         assert via[0] == direct[0] == 401, (path, via, direct)
         via_headers = {k.lower(): v for k, v in via[1].items()}
         direct_headers = {k.lower(): v for k, v in direct[1].items()}
-        for name in ("www-authenticate", "content-type", "docker-distribution-api-version"):
+        for name in (
+            "www-authenticate",
+            "content-type",
+            "docker-distribution-api-version",
+        ):
             assert via_headers[name] == direct_headers[name], name
         assert via[2] == direct[2] and b"UNAUTHORIZED" in via[2]
     # The right ones pass.
@@ -97,18 +133,23 @@ def test_probes_send_configured_credentials(auth_registries, zotlb_factory):
         health={"credentials": creds, "expect_status": [200]},
         log={"level": "debug"},
     )
-    wait_until(lambda: (_last_probe(lb, "a") or {}).get("status") == 200, 5, "a 200 probe")
+    wait_until(
+        lambda: (_last_probe(lb, "a") or {}).get("status") == 200, 5, "a 200 probe"
+    )
     assert lb.backend_state("a") == "up" and lb.backend_state("b") == "up"
     reported = "".join(lb.lines) + http("GET", lb.admin + "/metrics")[2].decode()
     reported += http("GET", lb.admin + "/status")[2].decode()
     assert PASSWORD not in reported
 
 
-def test_probes_with_wrong_credentials_mark_the_backend_down(auth_registries, zotlb_factory):
+def test_probes_with_wrong_credentials_mark_the_backend_down(
+    auth_registries, zotlb_factory
+):
     a, b = auth_registries
     creds = {"username": USER, "password": "not-" + PASSWORD}
     lb = zotlb_factory(
-        [a, b], replication={"mode": "off"},
+        [a, b],
+        replication={"mode": "off"},
         health={"credentials": creds, "expect_status": [200]},
     )
     wait_until(lambda: lb.backend_state("a") == "down", 5, "a down")
@@ -126,7 +167,9 @@ def test_health_credentials_need_a_password(tmp_path):
                 "health": {"credentials": {"username": "u"}},
             }
         )
-    assert info.value.problems == ["health.credentials.password: required key is missing"]
+    assert info.value.problems == [
+        "health.credentials.password: required key is missing"
+    ]
     cfg = config_from_mapping(
         {
             "backends": [{"name": "a", "url": "http://127.0.0.1:5001"}],

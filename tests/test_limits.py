@@ -1,4 +1,4 @@
-"""Timeouts and limits on both sides: slow clients, idle ones, too many, stalled backends."""
+"""Timeouts and limits: slow, idle and too many clients; stalled backends."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Registry, free_port, http, lb_config, start_zotlb, wait_until
+from conftest import Registry, http, lb_config, start_zotlb, wait_until
 
 KIB = 1024
 
@@ -172,7 +172,9 @@ def test_slowloris_is_cut_off_while_others_are_served(make_lb):
     assert len(served) >= 3
     assert all(status == 200 and took < 0.5 for status, took in served), served
     metrics = http("GET", lb.admin + "/metrics")[2].decode()
-    assert 'zotlb_client_limit_hits_total{reason="request_header_timeout"} 1.0' in metrics
+    assert (
+        'zotlb_client_limit_hits_total{reason="request_header_timeout"} 1.0' in metrics
+    )
 
 
 def test_idle_keepalive_connection_is_closed(make_lb):
@@ -231,7 +233,8 @@ def raw_request(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
 def test_header_size_limit(make_lb):
     lb = make_lb(limits={"max_header_size": 4096})
     ok = raw_request(
-        lb.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Fits: " + b"a" * 3000 + b"\r\n"
+        lb.port,
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Fits: " + b"a" * 3000 + b"\r\n"
         b"Connection: close\r\n\r\n",
     )
     assert ok[0] == 200
@@ -242,7 +245,9 @@ def test_header_size_limit(make_lb):
     assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
     assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
     # A request line that long is refused as well.
-    assert raw_request(lb.port, b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")[0] == 431
+    assert (
+        raw_request(lb.port, b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")[0] == 431
+    )
     # zotlb keeps serving.
     assert http("GET", lb.url + "/v2/")[0] == 200
 
@@ -253,7 +258,8 @@ def test_header_count_limit(make_lb):
     def request(count: int) -> int:
         extra = b"".join(b"X-H%d: v\r\n" % i for i in range(count - 2))
         return raw_request(
-            lb.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + extra + b"\r\n"
+            lb.port,
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + extra + b"\r\n",
         )[0]
 
     assert request(20) == 200
@@ -274,7 +280,9 @@ def test_connections_beyond_the_limit_get_a_503_at_once(make_lb):
         held.append(conn)
 
     started = time.monotonic()
-    status, headers, body = raw_request(lb.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = raw_request(
+        lb.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     took = time.monotonic() - started
     assert status == 503 and took < 0.5, (status, took)
     assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
@@ -377,8 +385,7 @@ def test_backend_that_stops_reading_an_upload_is_cut(make_lb, backend):
     with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
         size = 256 * 1024 * KIB
         sock.sendall(
-            b"PUT /v2/deaf HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: %d\r\n\r\n" % size
+            b"PUT /v2/deaf HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
         )
         sent = 0
 
@@ -409,13 +416,17 @@ def test_backend_that_stops_reading_an_upload_is_cut(make_lb, backend):
     assert lb.events("request.failed")[0]["status"] == 504
     # zotlb's connection to the backend is gone, not left trying to flush
     # megabytes into a backend that will never read them.
-    wait_until(lambda: not stuck_uploads(backend.port), 3, "the backend connection closed")
+    wait_until(
+        lambda: not stuck_uploads(backend.port), 3, "the backend connection closed"
+    )
 
 
 def stuck_uploads(port: int) -> list[str]:
     """Connections to port with more than 64 KiB waiting in their send queue."""
     listing = subprocess.run(
         ["ss", "-tnH", "state", "established", f"( dport = :{port} )"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [line for line in listing.splitlines() if int(line.split()[1]) > 64 * KIB]

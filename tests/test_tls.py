@@ -41,8 +41,13 @@ def tls_listen(pair: Pair, **extra: str) -> dict[str, object]:
     }
 
 
-def https_get(port: int, path: str, ca: CA, client: Pair | None = None,
-              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def https_get(
+    port: int,
+    path: str,
+    ca: CA,
+    client: Pair | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     ctx = ssl.create_default_context(cafile=str(ca.pem))
     if client is not None:
         ctx.load_cert_chain(str(client.cert), str(client.key))
@@ -64,7 +69,9 @@ def test_skopeo_pushes_and_pulls_over_tls(registries, tmp_path, ca, image_factor
     a, b = registries
     lb = start_zotlb(
         tmp_path,
-        lb_config([a, b], listen=tls_listen(ca.issue("zotlb")), replication={"mode": "off"}),
+        lb_config(
+            [a, b], listen=tls_listen(ca.issue("zotlb")), replication={"mode": "off"}
+        ),
     )
     try:
         certs = str(ca.cert_dir())
@@ -77,13 +84,23 @@ def test_skopeo_pushes_and_pulls_over_tls(registries, tmp_path, ca, image_factor
         assert "certificate" in refused.stderr, refused.stderr
 
         pushed = skopeo(
-            "copy", "--preserve-digests", "--retry-times=0",
-            "--dest-cert-dir", certs, image.ref, dest,
+            "copy",
+            "--preserve-digests",
+            "--retry-times=0",
+            "--dest-cert-dir",
+            certs,
+            image.ref,
+            dest,
         )
         assert pushed.returncode == 0, pushed.stderr
         pulled = skopeo(
-            "copy", "--preserve-digests", "--retry-times=0",
-            "--src-cert-dir", certs, dest, f"oci:{tmp_path / 'pulled'}:v1",
+            "copy",
+            "--preserve-digests",
+            "--retry-times=0",
+            "--src-cert-dir",
+            certs,
+            dest,
+            f"oci:{tmp_path / 'pulled'}:v1",
         )
         assert pulled.returncode == 0, pulled.stderr
         assert layout_digest(tmp_path / "pulled", "v1") == image.manifest_digest
@@ -111,7 +128,9 @@ def echo_backend():
 def test_backends_hear_https_and_locations_keep_the_client_scheme(
     echo_backend, tmp_path, ca
 ):
-    lb = start_zotlb(tmp_path, lb_config([echo_backend], listen=tls_listen(ca.issue("zotlb"))))
+    lb = start_zotlb(
+        tmp_path, lb_config([echo_backend], listen=tls_listen(ca.issue("zotlb")))
+    )
     try:
         status, headers, body = https_get(lb.port, "/v2/echo", ca)
         assert status == 200
@@ -120,7 +139,9 @@ def test_backends_hear_https_and_locations_keep_the_client_scheme(
         # The backend's own http:// address becomes the https address the
         # client used.
         assert headers["Location"] == f"https://{lb.hostport}/v2/somewhere?x=1"
-        assert headers["WWW-Authenticate"].startswith(f'Bearer realm="https://{lb.hostport}/')
+        assert headers["WWW-Authenticate"].startswith(
+            f'Bearer realm="https://{lb.hostport}/'
+        )
     finally:
         lb.stop()
 
@@ -129,7 +150,9 @@ def test_client_certificates_are_required_with_client_ca(echo_backend, tmp_path,
     listen = tls_listen(ca.issue("zotlb"), client_ca=str(ca.pem))
     lb = start_zotlb(tmp_path, lb_config([echo_backend], listen=listen))
     try:
-        status, _, _ = https_get(lb.port, "/v2/", ca, client=ca.issue("client", client=True))
+        status, _, _ = https_get(
+            lb.port, "/v2/", ca, client=ca.issue("client", client=True)
+        )
         assert status == 200
         with pytest.raises((ssl.SSLError, ConnectionError)):
             https_get(lb.port, "/v2/", ca)
@@ -156,7 +179,9 @@ class TLSRegistry(Registry):
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"registry {self.name} exited: {self.proc.returncode}")
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=1)
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=ctx, timeout=1
+        )
         try:
             conn.request("GET", "/v2/")
             return conn.getresponse().status == 200
@@ -176,7 +201,9 @@ def tls_registry_factory(tmp_path, ca):
         cfg = yaml.safe_load(plain.config.read_text())
         cfg["http"]["tls"] = {"certificate": str(pair.cert), "key": str(pair.key)}
         plain.config.write_text(yaml.safe_dump(cfg))
-        reg = TLSRegistry(plain.name, plain.port, plain.root, plain.config, ca_file=ca.pem)
+        reg = TLSRegistry(
+            plain.name, plain.port, plain.root, plain.config, ca_file=ca.pem
+        )
         started.append(reg.start())
         return reg
 
@@ -192,7 +219,9 @@ def tls_registry(tls_registry_factory):
 
 @needs_registry
 @needs_skopeo
-def test_https_backend_verified_with_its_ca_file(tls_registry, tmp_path, ca, image_factory):
+def test_https_backend_verified_with_its_ca_file(
+    tls_registry, tmp_path, ca, image_factory
+):
     cfg = lb_config([tls_registry], replication={"mode": "off"})
     cfg["backends"][0]["tls"] = {"ca_file": str(ca.pem)}
     lb = start_zotlb(tmp_path, cfg)
@@ -200,8 +229,12 @@ def test_https_backend_verified_with_its_ca_file(tls_registry, tmp_path, ca, ima
         image = image_factory("v1")
         dest = f"docker://{lb.hostport}/secure/app:v1"
         pushed = skopeo(
-            "copy", "--preserve-digests", "--dest-tls-verify=false", "--retry-times=0",
-            image.ref, dest,
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            "--retry-times=0",
+            image.ref,
+            dest,
         )
         assert pushed.returncode == 0, pushed.stderr
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -210,8 +243,12 @@ def test_https_backend_verified_with_its_ca_file(tls_registry, tmp_path, ca, ima
         )
         assert status == 200
         pulled = skopeo(
-            "copy", "--preserve-digests", "--src-tls-verify=false", "--retry-times=0",
-            dest, f"oci:{tmp_path / 'pulled'}:v1",
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--retry-times=0",
+            dest,
+            f"oci:{tmp_path / 'pulled'}:v1",
         )
         assert pulled.returncode == 0, pulled.stderr
         assert layout_digest(tmp_path / "pulled", "v1") == image.manifest_digest
@@ -227,7 +264,9 @@ def test_https_backend_with_an_unknown_ca_is_refused(tls_registry, tmp_path):
     lb = start_zotlb(
         tmp_path,
         lb_config(
-            [tls_registry], health={"interval": "30s", "fall": 3}, replication={"mode": "off"}
+            [tls_registry],
+            health={"interval": "30s", "fall": 3},
+            replication={"mode": "off"},
         ),
     )
     try:
@@ -246,13 +285,15 @@ def test_https_backend_with_an_unknown_ca_is_refused(tls_registry, tmp_path):
         lb.stop()
 
 
-# --- bad TLS settings are config errors ------------------------------------------------
+# --- bad TLS settings are config errors -------------------------------------------
 
 
 def zotlb_run(command: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "zotlb", command, "-c", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -261,14 +302,27 @@ def test_unusable_certificates_name_their_key(tmp_path, ca):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     cases = [
-        ({"cert": str(tmp_path / "missing.crt"), "key": str(pair.key)},
-         None, "listen.tls.cert: "),
-        ({"cert": str(garbage), "key": str(pair.key)}, None, "listen.tls.cert: cannot load"),
+        (
+            {"cert": str(tmp_path / "missing.crt"), "key": str(pair.key)},
+            None,
+            "listen.tls.cert: ",
+        ),
+        (
+            {"cert": str(garbage), "key": str(pair.key)},
+            None,
+            "listen.tls.cert: cannot load",
+        ),
         # A key that does not belong to the certificate.
-        ({"cert": str(pair.cert), "key": str(ca.issue("other").key)},
-         None, "listen.tls.cert: cannot load"),
-        ({"cert": str(pair.cert), "key": str(pair.key), "client_ca": str(garbage)},
-         None, "listen.tls.client_ca: cannot load"),
+        (
+            {"cert": str(pair.cert), "key": str(ca.issue("other").key)},
+            None,
+            "listen.tls.cert: cannot load",
+        ),
+        (
+            {"cert": str(pair.cert), "key": str(pair.key), "client_ca": str(garbage)},
+            None,
+            "listen.tls.client_ca: cannot load",
+        ),
         (None, {"ca_file": str(garbage)}, "backends[0].tls.ca_file: cannot load"),
         (None, {"ca_file": str(tmp_path / "nope.pem")}, "backends[0].tls.ca_file: "),
     ]
@@ -290,7 +344,9 @@ def test_unusable_certificates_name_their_key(tmp_path, ca):
 
 
 @needs_registry
-def test_replication_between_https_backends_uses_their_ca(tls_registry_factory, tmp_path, ca):
+def test_replication_between_https_backends_uses_their_ca(
+    tls_registry_factory, tmp_path, ca
+):
     from replhelp import push_small, small_image
 
     a, b = tls_registry_factory("a"), tls_registry_factory("b")
@@ -302,8 +358,10 @@ def test_replication_between_https_backends_uses_their_ca(tls_registry_factory, 
         image = small_image("tls")
         push_small(lb.url, "secure/app", "v1", image)
         wait_until(
-            lambda: len(lb.events("replication.copied")) >= 1
-            or lb.events("replication.failed"),
+            lambda: (
+                len(lb.events("replication.copied")) >= 1
+                or lb.events("replication.failed")
+            ),
             10,
             "the copy",
         )
@@ -332,13 +390,19 @@ def test_reload_adds_an_https_backend_and_refuses_a_bad_ca_file(
     try:
         garbage = tmp_path / "garbage.pem"
         garbage.write_text("not a certificate\n")
-        secure = {"name": "secure", "url": tls_registry.url, "tls": {"ca_file": str(garbage)}}
+        secure = {
+            "name": "secure",
+            "url": tls_registry.url,
+            "tls": {"ca_file": str(garbage)},
+        }
         cfg["backends"].append(secure)
         lb.config_path.write_text(yaml.safe_dump(cfg))
         lb.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: lb.events("config.reload.failed"), 10, "the refused reload")
         problems = lb.events("config.reload.failed")[0]["problems"]
-        assert problems and problems[0].startswith("backends[1].tls.ca_file: cannot load")
+        assert problems and problems[0].startswith(
+            "backends[1].tls.ca_file: cannot load"
+        )
         assert [b["name"] for b in lb.status()["backends"]] == ["a"]
 
         secure["tls"]["ca_file"] = str(ca.pem)

@@ -99,7 +99,15 @@ class _UploadWatch:
     waits for the unsent bytes to drain, which a deaf backend never allows.
     """
 
-    __slots__ = ("_checks", "_handed", "_limit", "_seen", "_timer", "_waiting", "transport")
+    __slots__ = (
+        "_checks",
+        "_handed",
+        "_limit",
+        "_seen",
+        "_timer",
+        "_waiting",
+        "transport",
+    )
 
     def __init__(self, limit: float) -> None:
         self._limit = limit
@@ -108,7 +116,7 @@ class _UploadWatch:
         self._seen = -1
         self._checks = 0
         self._timer: asyncio.TimerHandle | None = None
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
 
     @property
     def expired(self) -> bool:
@@ -419,8 +427,11 @@ class Proxy:
         out: _Outcome,
     ) -> aiohttp.ClientResponse:
         url = URL(backend.origin + route.target, encoded=True)
-        watch = _UploadWatch(self.cfg.timeouts.read) if has_body else _NO_WATCH
-        body = _WatchedBody(self._body(request, out, watch), watch) if has_body else None
+        body: _WatchedBody | None = None
+        watch: _UploadWatch = _NO_WATCH
+        if has_body:
+            watch = _UploadWatch(self.cfg.timeouts.read)
+            body = _WatchedBody(self._body(request, out, watch), watch)
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
         watch.start()

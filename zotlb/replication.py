@@ -342,7 +342,9 @@ class Copier:
     ) -> int:
         src_url = URL(f"{source.origin}/v2/{repo}/blobs/{digest}", encoded=True)
         try:
-            src = await self.session.get(src_url, timeout=self.timeout, auth=self.auth, ssl=source.tls)
+            src = await self.session.get(
+                src_url, timeout=self.timeout, auth=self.auth, ssl=source.tls
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ReplicationFailed(
                 SOURCE_DOWN, f"{source.name}: {type(exc).__name__}: {exc}"
