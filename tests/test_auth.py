@@ -8,15 +8,15 @@ import base64
 import pytest
 from conftest import (
     http,
-    layout_digest,
     needs_registry,
     needs_skopeo,
     skopeo,
     wait_until,
 )
+from test_replication_auth import AUTH, PASSWORD, USER, auth_registries  # noqa: F401
 
 # The htpasswd registries fixture; tests take it by name (ruff: F811).
-from test_replication_auth import AUTH, PASSWORD, USER, auth_registries  # noqa: F401
+from test_tls import round_trip
 
 pytestmark = [needs_registry]
 
@@ -50,29 +50,13 @@ def test_push_and_pull_with_credentials(
     assert anonymous.returncode != 0
     assert "unauthorized" in anonymous.stderr.lower(), anonymous.stderr
 
-    pushed = skopeo(
-        "copy",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        "--retry-times=0",
-        "--dest-creds",
-        creds,
-        image.ref,
+    round_trip(
+        image,
         dest,
+        tmp_path / "pulled",
+        push=("--dest-tls-verify=false", "--dest-creds", creds),
+        pull=("--src-tls-verify=false", "--src-creds", creds),
     )
-    assert pushed.returncode == 0, pushed.stderr
-    pulled = skopeo(
-        "copy",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-        "--retry-times=0",
-        "--src-creds",
-        creds,
-        dest,
-        f"oci:{tmp_path / 'pulled'}:v1",
-    )
-    assert pulled.returncode == 0, pulled.stderr
-    assert layout_digest(tmp_path / "pulled", "v1") == image.manifest_digest
 
     # The password, plain or base64-encoded, shows up nowhere zotlb reports.
     encoded = base64.b64encode(creds.encode()).decode()

@@ -1,4 +1,5 @@
 """TLS toward clients (listen.tls) and toward https backends (backends[].tls)."""
+# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from conftest import (
     start_zotlb,
     wait_until,
 )
+from ocilayout import Image
 
-pytest.importorskip("cryptography")
+# The echo backend fixture; tests take it by name (ruff: F811).
+from test_http_details import echo  # noqa: F401
 
 
 @pytest.fixture
@@ -39,6 +42,18 @@ def tls_listen(pair: Pair, **extra: str) -> dict[str, object]:
         "address": f"127.0.0.1:{free_port()}",
         "tls": {"cert": str(pair.cert), "key": str(pair.key), **extra},
     }
+
+
+def round_trip(
+    image: Image, ref: str, layout: Path, push: tuple[str, ...], pull: tuple[str, ...]
+) -> None:
+    """Push image to ref and pull it back into layout with skopeo, digests intact."""
+    common = ("copy", "--preserve-digests", "--retry-times=0")
+    pushed = skopeo(*common, *push, image.ref, ref)
+    assert pushed.returncode == 0, pushed.stderr
+    pulled = skopeo(*common, *pull, ref, f"oci:{layout}:{image.tag}")
+    assert pulled.returncode == 0, pulled.stderr
+    assert layout_digest(layout, image.tag) == image.manifest_digest
 
 
 def https_get(
@@ -83,54 +98,21 @@ def test_skopeo_pushes_and_pulls_over_tls(registries, tmp_path, ca, image_factor
         assert refused.returncode != 0
         assert "certificate" in refused.stderr, refused.stderr
 
-        pushed = skopeo(
-            "copy",
-            "--preserve-digests",
-            "--retry-times=0",
-            "--dest-cert-dir",
-            certs,
-            image.ref,
+        round_trip(
+            image,
             dest,
+            tmp_path / "pulled",
+            push=("--dest-cert-dir", certs),
+            pull=("--src-cert-dir", certs),
         )
-        assert pushed.returncode == 0, pushed.stderr
-        pulled = skopeo(
-            "copy",
-            "--preserve-digests",
-            "--retry-times=0",
-            "--src-cert-dir",
-            certs,
-            dest,
-            f"oci:{tmp_path / 'pulled'}:v1",
-        )
-        assert pulled.returncode == 0, pulled.stderr
-        assert layout_digest(tmp_path / "pulled", "v1") == image.manifest_digest
         started = lb.events("server.started")[0]
         assert started["tls"] is True
     finally:
         lb.stop()
 
 
-@pytest.fixture
-def echo_backend():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "echo_backend.py"), str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    yield Registry("echo", port, Path("."), Path("."))
-    proc.terminate()
-    proc.wait()
-    proc.stdout.close()
-
-
-def test_backends_hear_https_and_locations_keep_the_client_scheme(
-    echo_backend, tmp_path, ca
-):
-    lb = start_zotlb(
-        tmp_path, lb_config([echo_backend], listen=tls_listen(ca.issue("zotlb")))
-    )
+def test_backends_hear_https_and_locations_keep_the_client_scheme(echo, tmp_path, ca):
+    lb = start_zotlb(tmp_path, lb_config([echo], listen=tls_listen(ca.issue("zotlb"))))
     try:
         status, headers, body = https_get(lb.port, "/v2/echo", ca)
         assert status == 200
@@ -146,9 +128,9 @@ def test_backends_hear_https_and_locations_keep_the_client_scheme(
         lb.stop()
 
 
-def test_client_certificates_are_required_with_client_ca(echo_backend, tmp_path, ca):
+def test_client_certificates_are_required_with_client_ca(echo, tmp_path, ca):
     listen = tls_listen(ca.issue("zotlb"), client_ca=str(ca.pem))
-    lb = start_zotlb(tmp_path, lb_config([echo_backend], listen=listen))
+    lb = start_zotlb(tmp_path, lb_config([echo], listen=listen))
     try:
         status, _, _ = https_get(
             lb.port, "/v2/", ca, client=ca.issue("client", client=True)
