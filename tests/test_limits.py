@@ -430,3 +430,26 @@ def stuck_uploads(port: int) -> list[str]:
         check=True,
     ).stdout
     return [line for line in listing.splitlines() if int(line.split()[1]) > 64 * KIB]
+
+
+def test_limit_and_timeout_keys_are_checked():
+    from zotlb.config import ConfigError, config_from_mapping
+
+    backends = [{"name": "a", "url": "http://127.0.0.1:5001"}]
+    cfg = config_from_mapping({"backends": backends})
+    assert (cfg.timeouts.request_header, cfg.timeouts.idle) == (10.0, 75.0)
+    assert cfg.limits.max_connections > 0 and cfg.limits.max_headers > 0
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(
+            {
+                "backends": backends,
+                "timeouts": {"request_header": "0s", "idle": "soon"},
+                "limits": {"max_header_size": 10, "max_connections": 0, "max_body": 1},
+            }
+        )
+    problems = info.value.problems
+    assert problems[0] == "timeouts.request_header: must be greater than zero"
+    assert problems[1].startswith("timeouts.idle: cannot parse duration 'soon'")
+    assert problems[2].startswith("limits.max_header_size: ")
+    assert problems[3].startswith("limits.max_connections: ")
+    assert problems[4] == "limits.max_body: unknown key"

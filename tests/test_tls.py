@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import http.client
+import http.client as httpclient
 import json
 import ssl
 import subprocess
@@ -17,6 +17,7 @@ from certs import CA, Pair
 from conftest import (
     Registry,
     free_port,
+    http,
     layout_digest,
     lb_config,
     make_registry,
@@ -66,7 +67,7 @@ def https_get(
     ctx = ssl.create_default_context(cafile=str(ca.pem))
     if client is not None:
         ctx.load_cert_chain(str(client.cert), str(client.key))
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
     try:
         conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
@@ -161,7 +162,7 @@ class TLSRegistry(Registry):
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"registry {self.name} exited: {self.proc.returncode}")
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        conn = http.client.HTTPSConnection(
+        conn = httpclient.HTTPSConnection(
             "127.0.0.1", self.port, context=ctx, timeout=1
         )
         try:
@@ -252,7 +253,7 @@ def test_https_backend_with_an_unknown_ca_is_refused(tls_registry, tmp_path):
         ),
     )
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+        conn = httpclient.HTTPConnection("127.0.0.1", lb.port, timeout=10)
         conn.request("GET", "/v2/")
         resp = conn.getresponse()
         body = json.loads(resp.read())
@@ -395,3 +396,45 @@ def test_reload_adds_an_https_backend_and_refuses_a_bad_ca_file(
         wait_until(lambda: lb.backend_state("secure") == "up", 10, "secure up")
     finally:
         lb.stop()
+
+
+@needs_registry
+def test_https_backend_with_verification_off(tls_registry, tmp_path):
+    cfg = lb_config([tls_registry], replication={"mode": "off"})
+    cfg["backends"][0]["tls"] = {"verify": False}
+    lb = start_zotlb(tmp_path, cfg)
+    try:
+        assert http("GET", lb.url + "/v2/")[0] == 200
+        assert lb.backend_state("secure") == "up"
+    finally:
+        lb.stop()
+
+
+def test_tls_keys_are_checked(tmp_path, ca):
+    from zotlb.config import ConfigError, config_from_mapping
+
+    pair = ca.issue("zotlb")
+    backend = {"name": "a", "url": "http://127.0.0.1:5001"}
+    cfg = config_from_mapping(
+        {
+            "listen": {
+                "address": "0.0.0.0:443",
+                "tls": {"cert": str(pair.cert), "key": str(pair.key)},
+            },
+            "backends": [backend],
+        }
+    )
+    assert cfg.listen_address == ("0.0.0.0", 443)
+    assert config_from_mapping({"backends": [backend]}).listen.tls is None
+
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(
+            {
+                "listen": {"address": "0.0.0.0:443", "tls": {"cert": str(pair.cert)}},
+                "backends": [{**backend, "tls": {"ca_file": str(ca.pem)}}],
+            }
+        )
+    assert info.value.problems == [
+        "listen.tls.key: required key is missing",
+        "backends[0].tls: only for https URLs, and http://127.0.0.1:5001 is not one",
+    ]
