@@ -185,7 +185,8 @@ class Copier:
                     url,
                     headers={"Accept": MANIFEST_ACCEPT},
                     timeout=self.timeout,
-                    auth=self.auth, ssl=source.tls,
+                    auth=self.auth,
+                    ssl=source.tls,
                 ) as resp:
                     if resp.status == 200:
                         return await resp.read(), resp.content_type, source
@@ -202,7 +203,8 @@ class Copier:
             url,
             headers={"Accept": MANIFEST_ACCEPT},
             timeout=self.timeout,
-            auth=self.auth, ssl=target.tls,
+            auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             return resp.status == 200
 
@@ -276,7 +278,8 @@ class Copier:
             data=body,
             headers={"Content-Type": media_type},
             timeout=self.timeout,
-            auth=self.auth, ssl=target.tls,
+            auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             if resp.status != 201:
                 detail = (await resp.content.read(2048)).decode(errors="replace")
@@ -311,7 +314,11 @@ class Copier:
         elsewhere = seen.get(digest) if seen is not None else None
         params = {"mount": digest, "from": elsewhere} if elsewhere else None
         async with self.session.post(
-            uploads, params=params, timeout=self.timeout, auth=self.auth, ssl=target.tls
+            uploads,
+            params=params,
+            timeout=self.timeout,
+            auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             if resp.status == 201:
                 self._remember(target, digest, repo)
@@ -374,7 +381,8 @@ class Copier:
                 data=body(),
                 headers=headers,
                 timeout=self.timeout,
-                auth=self.auth, ssl=target.tls,
+                auth=self.auth,
+                ssl=target.tls,
             ) as resp:
                 if resp.status != 201:
                     _raise_for(resp.status, f"blob PUT to {target.name}")

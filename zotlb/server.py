@@ -6,6 +6,7 @@ import asyncio
 import resource
 import signal
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -100,7 +101,7 @@ class Server:
             replicator=self.replicator,
         )
 
-        self._handler = handler = _listener(cfg, proxy, self.metrics)
+        self._handler = handler = _listener(cfg, proxy.handle, self.metrics)
         runner = web.ServerRunner(
             handler, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown_grace
         )
@@ -341,14 +342,15 @@ def _buffered(transport: asyncio.WriteTransport) -> bool:
         return False
 
 
-def _listener(cfg: LBConfig, proxy: Proxy, metrics: Metrics) -> Listener:
+def _listener(cfg: LBConfig, handler: Any, metrics: Metrics) -> Listener:
+    """The proxy listener's HTTP server, with the timeouts and limits of cfg."""
     limits = cfg.limits
 
     def on_limit(reason: str) -> None:
         metrics.client_limits.labels(reason).inc()
 
     return Listener(
-        proxy.handle,
+        handler,
         header_timeout=cfg.timeouts.request_header,
         max_connections=limits.max_connections,
         on_limit=on_limit,
