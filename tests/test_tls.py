@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import http.client as httpclient
 import json
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,26 @@ def test_client_certificates_are_required_with_client_ca(echo, tmp_path, ca):
         other = CA(tmp_path / "other-ca")
         with pytest.raises((ssl.SSLError, ConnectionError)):
             https_get(lb.port, "/v2/", ca, client=other.issue("stranger", client=True))
+    finally:
+        lb.stop()
+
+
+def test_a_stalled_tls_handshake_is_cut_off(echo, tmp_path, ca):
+    cfg = lb_config([echo], listen=tls_listen(ca.issue("zotlb")))
+    cfg["timeouts"]["request_header"] = "500ms"
+    lb = start_zotlb(tmp_path, cfg)
+    try:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello
+            started = time.monotonic()
+            try:
+                assert sock.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+            took = time.monotonic() - started
+        assert 0.4 <= took <= 1.5, took
+        # Others complete their handshakes meanwhile and afterwards.
+        assert https_get(lb.port, "/v2/", ca)[0] == 200
     finally:
         lb.stop()
 

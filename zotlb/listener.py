@@ -9,12 +9,15 @@ Two limits are added here:
   The timer runs only between requests, never while a body streams.
 - max_connections: a connection beyond the limit is not handed to aiohttp;
   it gets one 503 in OCI error form and is closed.
+
+With TLS, the handshake has the request header timeout as its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -209,3 +212,48 @@ class Listener(web.Server):
     ) -> None:
         self.open_connections -= 1
         super().connection_lost(handler, exc)
+
+
+class ListenerSite(web.BaseSite):
+    """aiohttp's TCP site, with a deadline on TLS handshakes as well.
+
+    A client that opens a TLS connection and never finishes the handshake
+    is a slowloris one step earlier; it gets the request header timeout
+    instead of asyncio's default of a minute.
+    """
+
+    __slots__ = ("_handshake_timeout", "_host", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+        backlog: int,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {
+                "ssl": self._ssl_context,
+                "ssl_handshake_timeout": self._handshake_timeout,
+            }
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, backlog=self._backlog, **tls
+        )

@@ -17,7 +17,7 @@ from .backends import Pool, State
 from .config import ConfigError, LBConfig, load_config, parse_hostport
 from .drift import DriftWatch
 from .health import HealthChecker
-from .listener import Listener
+from .listener import Listener, ListenerSite
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
@@ -108,8 +108,13 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
         host, port = cfg.listen_address
-        await web.TCPSite(
-            runner, host, port, backlog=1024, ssl_context=self.tls.listener
+        await ListenerSite(
+            runner,
+            host,
+            port,
+            backlog=1024,
+            ssl_context=self.tls.listener,
+            handshake_timeout=cfg.timeouts.request_header,
         ).start()
         watch_connections(self.metrics, handler, self._session)
 
