@@ -63,11 +63,19 @@ class HealthChecker:
         started = time.monotonic()
         status: int | None = None
         error: str | None = None
+        creds = cfg.credentials
+        auth = (
+            aiohttp.BasicAuth(creds.username, creds.password.get_secret_value())
+            if creds is not None
+            else None
+        )
         try:
             async with self.session.get(
                 url,
                 timeout=aiohttp.ClientTimeout(total=cfg.timeout),
                 allow_redirects=False,
+                auth=auth,
+                ssl=backend.tls,
             ) as resp:
                 status = resp.status
                 await resp.read()

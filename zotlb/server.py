@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, tls
 from .admin import create_admin_app
 from .backends import Pool, State
 from .config import ConfigError, LBConfig, load_config, parse_hostport
 from .drift import DriftWatch
 from .health import HealthChecker
+from .listener import Listener, ListenerSite
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
@@ -54,11 +57,14 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self.metrics.info.labels(__version__, cfg.mode).set(1)
         self.pool = Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
+        # Certificates are read once, here: a bad one stops the start (exit 2).
+        self.tls = tls.build(cfg, config_path or "<config>")
+        self._set_backend_tls(self.tls.backends)
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self._runners: list[web.BaseRunner] = []
-        self._handler: web.Server | None = None
+        self._handler: Listener | None = None
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
@@ -95,19 +101,21 @@ class Server:
             replicator=self.replicator,
         )
 
-        self._handler = handler = web.Server(
-            proxy.handle,
-            auto_decompress=False,
-            access_log=None,
-            keepalive_timeout=75.0,
-        )
+        self._handler = handler = _listener(cfg, proxy.handle, self.metrics)
         runner = web.ServerRunner(
             handler, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown_grace
         )
         await runner.setup()
         self._runners.append(runner)
         host, port = cfg.listen_address
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        await ListenerSite(
+            runner,
+            host,
+            port,
+            backlog=1024,
+            ssl_context=self.tls.listener,
+            handshake_timeout=cfg.timeouts.request_header,
+        ).start()
         watch_connections(self.metrics, handler, self._session)
 
         if cfg.admin.listen:
@@ -135,7 +143,8 @@ class Server:
         log.info(
             "server.started",
             version=__version__,
-            listen=cfg.listen,
+            listen=cfg.listen.address,
+            tls=self.tls.listener is not None,
             admin=cfg.admin.listen,
             mode=cfg.mode,
             backends=[b.name for b in self.pool.backends],
@@ -162,11 +171,12 @@ class Server:
             else:
                 try:
                     new = load_config(self.config_path)
+                    contexts = tls.backend_contexts(new.backends, self.config_path)
                 except ConfigError as exc:
                     problems = exc.problems
                 else:
                     problems = []
-                    self._apply(new)
+                    self._apply(new, contexts)
             if problems:
                 self.metrics.reloads.labels("failed").inc()
                 log.error(
@@ -176,7 +186,11 @@ class Server:
                 self.metrics.reloads.labels("ok").inc()
             return problems
 
-    def _apply(self, new: LBConfig) -> None:
+    def _set_backend_tls(self, contexts: dict[str, tls.BackendSSL]) -> None:
+        for backend in self.pool.backends:
+            backend.tls = contexts.get(backend.name, True)
+
+    def _apply(self, new: LBConfig, contexts: dict[str, tls.BackendSSL]) -> None:
         old = self.cfg
         # Listeners stay open across a reload: their addresses and the log
         # set-up need a restart to change.
@@ -184,6 +198,13 @@ class Server:
             key
             for key, before, after in (
                 ("listen", old.listen, new.listen),
+                ("limits", old.limits, new.limits),
+                ("timeouts.idle", old.timeouts.idle, new.timeouts.idle),
+                (
+                    "timeouts.request_header",
+                    old.timeouts.request_header,
+                    new.timeouts.request_header,
+                ),
                 ("admin", old.admin, new.admin),
                 ("log.level", old.log.level, new.log.level),
                 ("log.format", old.log.format, new.log.format),
@@ -193,6 +214,7 @@ class Server:
         added, removed = self.pool.reconfigure(
             new.backends, new.health, new.mode, new.failback
         )
+        self._set_backend_tls(contexts)
         for backend in removed:
             self.metrics.forget_backend(backend.name, idle=backend.in_flight == 0)
         for backend in added:
@@ -325,8 +347,53 @@ def _buffered(transport: asyncio.WriteTransport) -> bool:
         return False
 
 
+def _listener(cfg: LBConfig, handler: Any, metrics: Metrics) -> Listener:
+    """The proxy listener's HTTP server, with the timeouts and limits of cfg."""
+    limits = cfg.limits
+
+    def on_limit(reason: str) -> None:
+        metrics.client_limits.labels(reason).inc()
+
+    return Listener(
+        handler,
+        header_timeout=cfg.timeouts.request_header,
+        max_connections=limits.max_connections,
+        on_limit=on_limit,
+        auto_decompress=False,
+        access_log=None,
+        keepalive_timeout=cfg.timeouts.idle,
+        max_line_size=limits.max_header_size,
+        max_field_size=limits.max_header_size,
+        max_headers=limits.max_headers,
+    )
+
+
+def _raise_fd_limit(cfg: LBConfig) -> None:
+    """Lift the open-files limit to its ceiling; warn when it stays too low.
+
+    Every client connection may hold a backend connection too, so
+    max_connections needs about twice as many descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    wanted = 2 * cfg.limits.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "server.fd_limit_low",
+            open_files=soft,
+            wanted=wanted,
+            max_connections=cfg.limits.max_connections,
+        )
+
+
 def run(cfg: LBConfig, config_path: str | None = None) -> int:
     configure_logging(cfg.log.level, cfg.log.format)
+    _raise_fd_limit(cfg)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
