@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -46,7 +47,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '2s'")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("the number is too large for a duration") from None
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -56,6 +60,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like '2s'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -150,6 +156,9 @@ class HealthConfig(_Section):
     rise: int = Field(2, ge=1)
     fall: int = Field(3, ge=1)
     expect_status: list[int] = Field(default_factory=lambda: [200, 401], min_length=1)
+    # Also demand `Docker-Distribution-API-Version: registry/2.0` in the answer,
+    # so a web server that happens to answer 200 on the path is not a registry.
+    require_api_header: bool = False
 
     @field_validator("path")
     @classmethod

@@ -325,8 +325,31 @@ def _buffered(transport: asyncio.WriteTransport) -> bool:
         return False
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one.
+
+    Every client connection costs one descriptor and its backend connection
+    another; a default soft limit of 1024 caps zotlb near 500 clients.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        return
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("server.nofile", soft=soft, hard=hard, error=str(exc))
+            return
+        log.info("server.nofile", previous=soft, soft=hard)
+
+
 def run(cfg: LBConfig, config_path: str | None = None) -> int:
     configure_logging(cfg.log.level, cfg.log.format)
+    raise_open_files_limit()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
