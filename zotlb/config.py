@@ -277,13 +277,19 @@ class LBConfig(_Section):
         return parse_hostport(self.listen)
 
 
+_PLAIN_KEY = re.compile(r"[\w.-]+")
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            # A key with spaces or control characters is quoted, so it cannot
+            # forge further lines in the report.
+            text = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(part)
+            out += f".{text}" if out else text
     return out or "(top level)"
 
 
