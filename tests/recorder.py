@@ -10,6 +10,7 @@ contact.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -175,3 +176,66 @@ class Tripwire:
                 return
             self.contacts += 1
             conn.close()
+
+
+@dataclass
+class FaultServer:
+    """A loopback server whose every connection is handled by `respond`.
+
+    `respond(conn, head)` gets the socket and the request head (bytes up to
+    the blank line) and does whatever fault the test needs.
+    """
+
+    respond: object
+    _sock: socket.socket | None = None
+
+    def start(self) -> FaultServer:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"fault{self.port}"
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return self._sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                head = _read_head(conn, buf)
+                if head is None:
+                    break
+                if not self.respond(conn, head):  # type: ignore[operator]
+                    break
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def reset(conn: socket.socket) -> None:
+    """Close with a TCP RST rather than a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
