@@ -458,3 +458,159 @@ def _seconds_to_down(lb, name: str) -> float:
 def _last_probe_at(lb, name: str) -> float:
     backend = next(b for b in lb.status()["backends"] if b["name"] == name)
     return backend["last_probe"]["at"]
+
+
+# --- SIGTERM with 4 uploads in flight ----------------------------------------------------
+
+
+class _SlowUpload:
+    """A closing PUT whose chunked body the test feeds piece by piece."""
+
+    def __init__(self, port: int, target: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.sock.sendall(
+            f"PUT {target} HTTP/1.1\r\nHost: lb\r\nContent-Type: application/octet-stream\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def finish(self) -> tuple[int, dict[str, str]]:
+        self.sock.sendall(b"0\r\n\r\n")
+        raw = bytearray()
+        while b"\r\n\r\n" not in raw:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            raw.extend(chunk)
+        self.sock.close()
+        head = bytes(raw).partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        headers = {k.strip(): v.strip() for k, _, v in (x.partition(":") for x in head[1:])}
+        return int(head[0].split(" ")[1]), headers
+
+
+def test_sigterm_with_4_uploads_in_flight_lets_them_finish(registries, zotlb_factory):
+    a, b = registries
+    grace = 10.0
+    lb = zotlb_factory([a, b], timeouts={"shutdown_grace": f"{grace}s"}, replication={"mode": "off"})
+    pieces = [bytes([i]) * (256 * 1024) for i in range(16)]  # 4 MiB an upload
+    uploads, digests = [], []
+    for i in range(4):
+        repo = f"term/app{i}"
+        status, headers, _ = http("POST", f"{lb.url}/v2/{repo}/blobs/uploads/")
+        assert status == 202
+        content = b"".join(pieces) + repo.encode()
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        loc = urlsplit(headers["Location"])
+        upload = _SlowUpload(lb.port, f"{loc.path}?{loc.query}&digest={digest}")
+        upload.send(pieces[0])
+        uploads.append((upload, content))
+        digests.append((repo, digest))
+    # zotlb is relaying all four to the backends.
+    wait_until(lambda: sum(x["in_flight"] for x in lb.status()["backends"]) == 4, 10, "4 in flight")
+    assert http("GET", lb.url + "/v2/")[0] == 200  # new connections still accepted
+
+    lb.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    wait_until(lambda: _refused(lb.port), 5, "listener closed", step=0.01)
+    refused_after = time.monotonic() - signalled
+
+    # The uploads carry on after the listener is gone.
+    for upload, content in uploads:
+        for piece in pieces[1:]:
+            upload.send(piece)
+        upload.send(content[len(pieces) * len(pieces[0]) :])
+    results = [upload.finish() for upload, _ in uploads]
+    finished_after = time.monotonic() - signalled
+    code = lb.proc.wait(grace + 5)
+    exited_after = time.monotonic() - signalled
+    print(
+        f"\nSIGTERM with 4 uploads in flight: listener closed after {refused_after:.2f}s, "
+        f"uploads answered {[s for s, _ in results]} after {finished_after:.2f}s, "
+        f"exit {code} after {exited_after:.2f}s (grace {grace:.0f}s)"
+    )
+    for (status, headers), (repo, digest) in zip(results, digests):
+        assert status == 201 and headers["Docker-Content-Digest"] == digest
+        assert any(
+            http("HEAD", f"{reg.url}/v2/{repo}/blobs/{digest}")[0] == 200 for reg in (a, b)
+        )
+    assert code == 0 and exited_after < grace
+
+
+# --- 1 000 concurrent connections ---------------------------------------------------------
+
+
+async def _hold_and_ask(port: int, count: int) -> tuple[list[int], list[asyncio.StreamWriter]]:
+    """Open `count` connections, then send GET /v2/ on all of them at once."""
+    opened = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", port) for _ in range(count))
+    )
+    request = b"GET /v2/ HTTP/1.1\r\nHost: lb\r\n\r\n"
+    for _, writer in opened:
+        writer.write(request)
+
+    async def answer(reader: asyncio.StreamReader) -> int:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        return int(head.split(b" ")[1])
+
+    statuses = await asyncio.wait_for(
+        asyncio.gather(*(answer(r) for r, _ in opened)), timeout=60
+    )
+    return list(statuses), [w for _, w in opened]
+
+
+@pytest.mark.slow
+def test_1000_concurrent_connections_all_served(registries, tmp_path):
+    a, b = registries
+    count = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3 * count
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard open-files limit {hard} is below {need}")
+    # zotlb starts with a soft limit of 1024 (a common default) and must
+    # raise it itself: 1 000 clients and their backend connections need more.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        lb = conftest.start_zotlb(
+            tmp_path, conftest.lb_config([a, b], replication={"mode": "off"})
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    try:
+        raised = lb.events("server.nofile")
+        assert raised and raised[0]["previous"] == 1024
+
+        async def run() -> tuple[list[int], float, float]:
+            started = time.monotonic()
+            statuses, writers = await _hold_and_ask(lb.port, count)
+            elapsed = time.monotonic() - started
+            # All still open: zotlb counts them.
+            metrics = await asyncio.to_thread(http, "GET", lb.admin + "/metrics")
+            open_now = next(
+                float(line.split(" ")[1])
+                for line in metrics[2].decode().splitlines()
+                if line.startswith("zotlb_client_connections ")
+            )
+            for writer in writers:
+                writer.close()
+            return statuses, elapsed, open_now
+
+        statuses, elapsed, open_now = asyncio.run(run())
+        rss = lb.peak_rss_kib()
+        print(
+            f"\n{count} concurrent connections: {statuses.count(200)} answered 200 in "
+            f"{elapsed:.2f}s, {open_now:.0f} client connections open at once, "
+            f"zotlb peak RSS {rss / 1024:.1f} MiB (soft limit raised from 1024 to {raised[0]['soft']})"
+        )
+        assert statuses == [200] * count
+        assert open_now >= count
+        assert lb.proc.poll() is None
+    finally:
+        lb.stop()

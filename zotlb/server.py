@@ -57,6 +57,10 @@ class Server:
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        # Client requests being handled; set when there are none.
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._runners: list[web.BaseRunner] = []
         self._handler: web.Server | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -96,7 +100,7 @@ class Server:
         )
 
         self._handler = handler = web.Server(
-            proxy.handle,
+            self._handle,
             auto_decompress=False,
             access_log=None,
             keepalive_timeout=75.0,
@@ -140,6 +144,37 @@ class Server:
             mode=cfg.mode,
             backends=[b.name for b in self.pool.backends],
         )
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.proxy is not None
+        self._busy += 1
+        self._idle.clear()
+        try:
+            return await self.proxy.handle(request)  # type: ignore[arg-type]
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _drain(self, deadline: float) -> None:
+        """Close the proxy listener, then let requests in flight finish.
+
+        aiohttp's own shutdown stops reading from every connection at once,
+        which would stall an upload whose body is still arriving until the
+        grace period runs out: so wait for those first, and hand aiohttp
+        only what is left at the deadline.
+        """
+        runner = self._runners[0]
+        for site in list(runner.sites):
+            await site.stop()
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("server.grace_expired", requests=self._busy)
+        if self._handler is not None:
+            # Now close every connection (idle keep-alives end at once).
+            self._handler.pre_shutdown()
+            await self._handler.shutdown(max(0.0, deadline - time.monotonic()))
 
     # --- runtime controls (the admin API calls these) --------------------------
 
@@ -257,6 +292,8 @@ class Server:
         transports = [
             c.transport for c in (self._handler.connections if self._handler else [])
         ]
+        if self._runners:
+            await self._drain(deadline)
         for runner in self._runners:
             await runner.cleanup()
         await _flushed([t for t in transports if t is not None], deadline)
