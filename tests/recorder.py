@@ -1,4 +1,4 @@
-"""A fake backend that records every request it receives, and a host that must stay silent.
+"""Fake peers: a backend that records every request, a host that must stay silent.
 
 `Recorder` answers every request 200 with a small JSON body and the registry
 API header, and keeps (method, target, headers, body) for the test to read.

@@ -20,15 +20,39 @@ from hypothesis import strategies as st
 from zotlb.config import ConfigError, LBConfig, config_from_mapping, load_config
 
 SECTIONS: dict[str, list[str]] = {
-    "health": ["path", "interval", "timeout", "rise", "fall", "expect_status", "require_api_header"],
+    "health": [
+        "path",
+        "interval",
+        "timeout",
+        "rise",
+        "fall",
+        "expect_status",
+        "require_api_header",
+    ],
     "timeouts": ["connect", "read", "shutdown_grace"],
     "admin": ["listen", "token", "token_env", "open_read"],
     "log": ["level", "format", "access_sample"],
     "replication": [
-        "mode", "state_dir", "queue_max", "workers", "retry_initial", "retry_max",
-        "sync_timeout", "drift_interval", "credentials",
+        "mode",
+        "state_dir",
+        "queue_max",
+        "workers",
+        "retry_initial",
+        "retry_max",
+        "sync_timeout",
+        "drift_interval",
+        "credentials",
     ],
-    "zot": ["version", "log_level", "sync", "backends", "htpasswd", "tls", "metrics", "http_timeouts"],
+    "zot": [
+        "version",
+        "log_level",
+        "sync",
+        "backends",
+        "htpasswd",
+        "tls",
+        "metrics",
+        "http_timeouts",
+    ],
 }
 TOP = ["listen", "mode", "failback", "backends", "retries", "non_v2", *SECTIONS]
 
@@ -42,12 +66,46 @@ scalars = st.one_of(
     st.text(max_size=20),
     st.sampled_from(
         [
-            "", "2s", "500ms", "-1s", "1e9s", "9" * 400 + "s", "0", "soon", "1h", "off",
-            "127.0.0.1:5000", ":0", "[::1]:5000", "[zz]:1", "host:99999", "a:²",
-            "http://127.0.0.1:5001", "https://[::1]:5002/", "ftp://x:1", "http://",
-            "http://u:p@h:1", "http://h:1/path?q", "http://h:notaport", "/v2/", "/readyz",
-            "active-active", "active-passive", "auto", "manual", "reject", "pass",
-            "debug", "json", "console", "v2.1.20", "v9.9.9", "async", "sync", "\x00", "é" * 3,
+            "",
+            "2s",
+            "500ms",
+            "-1s",
+            "1e9s",
+            "9" * 400 + "s",
+            "0",
+            "soon",
+            "1h",
+            "off",
+            "127.0.0.1:5000",
+            ":0",
+            "[::1]:5000",
+            "[zz]:1",
+            "host:99999",
+            "a:²",
+            "http://127.0.0.1:5001",
+            "https://[::1]:5002/",
+            "ftp://x:1",
+            "http://",
+            "http://u:p@h:1",
+            "http://h:1/path?q",
+            "http://h:notaport",
+            "/v2/",
+            "/readyz",
+            "active-active",
+            "active-passive",
+            "auto",
+            "manual",
+            "reject",
+            "pass",
+            "debug",
+            "json",
+            "console",
+            "v2.1.20",
+            "v9.9.9",
+            "async",
+            "sync",
+            "\x00",
+            "é" * 3,
         ]
     ),
 )
@@ -55,7 +113,9 @@ values = st.recursive(
     scalars,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
-        st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4),
+        st.dictionaries(
+            st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4
+        ),
     ),
     max_leaves=12,
 )
@@ -70,7 +130,10 @@ def backend_entries(draw: Any) -> Any:
         entry["name"] = draw(st.one_of(st.sampled_from(["a", "b", "a"]), values))
     if draw(st.integers(0, 9)):
         entry["url"] = draw(
-            st.one_of(st.sampled_from(["http://127.0.0.1:5001", "http://127.0.0.1:5002"]), values)
+            st.one_of(
+                st.sampled_from(["http://127.0.0.1:5001", "http://127.0.0.1:5002"]),
+                values,
+            )
         )
     if draw(st.integers(0, 5)) == 0:
         entry[draw(st.text(max_size=6))] = draw(values)
@@ -93,7 +156,9 @@ def documents(draw: Any) -> Any:
         else:
             doc[key] = draw(values)
     if draw(st.integers(0, 4)) == 0:
-        doc[draw(st.one_of(st.text(max_size=8), st.integers(), st.none()))] = draw(values)
+        doc[draw(st.one_of(st.text(max_size=8), st.integers(), st.none()))] = draw(
+            values
+        )
     return doc
 
 
@@ -112,7 +177,10 @@ def test_any_mapping_loads_or_raises_config_error(doc: Any) -> None:
 # Text that is YAML-ish but not always YAML: tags, anchors, tabs, binary.
 yaml_text = st.one_of(
     st.builds(yaml.safe_dump, documents()),
-    st.text(alphabet=st.sampled_from(list("ab:-[]{}!&*|>'\"#\t\n @%`,?0123456789")), max_size=60),
+    st.text(
+        alphabet=st.sampled_from(list("ab:-[]{}!&*|>'\"#\t\n @%`,?0123456789")),
+        max_size=60,
+    ),
     st.sampled_from(
         [
             "!!python/object/apply:os.system ['true']",
@@ -121,7 +189,10 @@ yaml_text = st.one_of(
             "backends:\n- name: a\n  url: http://h:1\n  url: http://h:2\n",
             "? [a, b]\n: c\n",
             "\ufeffbackends: []",
-            "backends: [{name: a, url: 'http://h:1'}]\n" + "x: " + "[" * 200 + "]" * 200,
+            "backends: [{name: a, url: 'http://h:1'}]\n"
+            + "x: "
+            + "[" * 200
+            + "]" * 200,
         ]
     ),
 )
@@ -129,7 +200,9 @@ yaml_text = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(yaml_text)
-def test_any_text_loads_or_raises_config_error(tmp_path_factory: Any, text: str) -> None:
+def test_any_text_loads_or_raises_config_error(
+    tmp_path_factory: Any, text: str
+) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "lb.yaml"
     path.write_text(text, encoding="utf-8")
     try:
@@ -151,7 +224,9 @@ def test_binary_file_is_a_config_error(tmp_path: Path) -> None:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(yaml_text)
-def test_cli_check_exits_0_or_2_without_traceback(tmp_path_factory: Any, text: str) -> None:
+def test_cli_check_exits_0_or_2_without_traceback(
+    tmp_path_factory: Any, text: str
+) -> None:
     path = tmp_path_factory.mktemp("cli") / "lb.yaml"
     path.write_text(text, encoding="utf-8")
     result = subprocess.run(

@@ -13,9 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 import conftest
+import pytest
 from conftest import lb_config, needs_registry, start_zotlb
 from recorder import Recorder, Tripwire
 
@@ -95,7 +94,10 @@ def _parse_responses(data: bytes, head_only: bool = False) -> tuple[list[int], b
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             raise AssertionError(f"not an HTTP response: {data[:200]!r}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (x.partition(":") for x in lines[1:])
+        }
         if not head_only and "chunked" in headers.get("transfer-encoding", ""):
             end = _chunked_end(rest)
             if end is None:
@@ -239,7 +241,8 @@ def replay(name, corpus_lb, recorder, other_host) -> None:
     seen = recorder.requests()
     print(
         f"{name} [non_v2={mode}]: statuses {reply.statuses or 'none'}, "
-        f"closed={reply.closed}, backend saw {[s.method + ' ' + s.target[:60] for s in seen]}"
+        f"closed={reply.closed}, "
+        f"backend saw {[s.method + ' ' + s.target[:60] for s in seen]}"
     )
 
     if reply.statuses:
@@ -253,16 +256,21 @@ def replay(name, corpus_lb, recorder, other_host) -> None:
             if body.startswith(b"{"):
                 assert json.loads(body.split(b"HTTP/1.1")[0])["errors"][0]["code"]
     else:
-        assert _matches(None, expect), f"{name}: closed without a response, expected {expect}"
-    assert _count_ok(len(seen), case.expected("backend", mode)), [s.target for s in seen]
+        assert _matches(None, expect), (
+            f"{name}: closed without a response, expected {expect}"
+        )
+    assert _count_ok(len(seen), case.expected("backend", mode)), [
+        s.target for s in seen
+    ]
     if seen and "backend-target" in case.meta:
         assert seen[0].target == case.meta["backend-target"]
     if seen and "backend-no-header" in case.meta:
         banned = case.meta["backend-no-header"].lower()
         assert banned not in {k.lower() for k, _ in seen[0].headers}
     for request in seen:
-        assert "smuggled" not in request.target and "smuggled" not in request.body.decode(
-            "latin-1"
+        assert (
+            "smuggled" not in request.target
+            and "smuggled" not in request.body.decode("latin-1")
         )
     assert other_host.contacts == 0, "zotlb contacted a host that is not a backend"
 
@@ -274,11 +282,15 @@ def replay(name, corpus_lb, recorder, other_host) -> None:
 def test_alive_after_whole_corpus(corpus_lb, other_host) -> None:
     # Runs after the cases of the same zotlb (module scope, declaration order).
     for name in CASES:
-        exchange(corpus_lb.port, load_case(name).request(other_host.hostport), 1, linger=0.05)
+        exchange(
+            corpus_lb.port, load_case(name).request(other_host.hostport), 1, linger=0.05
+        )
     assert corpus_lb.proc.poll() is None
     assert exchange(corpus_lb.port, ALIVE, 1).statuses == [200]
     status, headers, _ = conftest.http("GET", corpus_lb.url + "/v2/")
-    assert status == 200 and headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert (
+        status == 200 and headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    )
     assert other_host.contacts == 0
     # Parser rejections are one info line each, never an error with a traceback.
     assert corpus_lb.events("request.malformed")
@@ -297,7 +309,9 @@ def test_invalid_names_and_digests_reach_a_real_registry_as_4xx(
         data = load_case(name).request(other_host.hostport)
         via_lb = exchange(lb.port, data, 1)
         direct = exchange(reg.port, data, 1)
-        print(f"{name}: {via_lb.statuses} via zotlb, {direct.statuses} from the registry")
+        print(
+            f"{name}: {via_lb.statuses} via zotlb, {direct.statuses} from the registry"
+        )
         # Passed on and answered by the registry (the registry's own status,
         # 4xx or even its 500 for an unknown algorithm), never a zotlb error.
         assert via_lb.statuses == direct.statuses, name

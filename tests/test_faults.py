@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from http import client as httpclient
 import json
 import resource
 import signal
@@ -16,14 +15,15 @@ import socket
 import threading
 import time
 from datetime import datetime
+from http import client as httpclient
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
-
 import conftest
+import pytest
 from conftest import http, needs_registry, needs_skopeo, pull, push, wait_until
 from recorder import FaultServer, reset
+
 from zotlb.backends import rendezvous_order
 
 pytestmark = [needs_registry]
@@ -48,7 +48,7 @@ def _refused(port: int) -> bool:
     return False
 
 
-# --- kill -9 during continuous pulls ---------------------------------------------------
+# --- kill -9 during continuous pulls --------------------------------------------------
 
 
 @needs_skopeo
@@ -97,31 +97,40 @@ def test_kill9_during_continuous_pulls_loses_no_read(
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: counts["reads"] >= 200 and counts["pulls"] >= 1, 30, "traffic")
+        wait_until(
+            lambda: counts["reads"] >= 200 and counts["pulls"] >= 1, 30, "traffic"
+        )
         before = dict(counts)
         a.kill()
         killed = time.monotonic()
-        wait_until(lambda: counts["reads"] >= before["reads"] + 400, 30, "reads after the kill")
-        wait_until(lambda: counts["pulls"] >= before["pulls"] + 2, 30, "pulls after the kill")
+        wait_until(
+            lambda: counts["reads"] >= before["reads"] + 400, 30, "reads after the kill"
+        )
+        wait_until(
+            lambda: counts["pulls"] >= before["pulls"] + 2, 30, "pulls after the kill"
+        )
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     retries = _metric(lb, "zotlb_retries_total")
     print(
-        f"\nkill -9 during pulls: {counts['reads']} reads and {counts['pulls']} skopeo pulls, "
-        f"{counts['reads'] - before['reads']} reads in the {time.monotonic() - killed:.1f}s "
+        f"\nkill -9 during pulls: {counts['reads']} reads and "
+        f"{counts['pulls']} skopeo pulls, {counts['reads'] - before['reads']} "
+        f"reads in the {time.monotonic() - killed:.1f}s "
         f"after the kill; failed: {len(failures)}; retried on b: {retries:.0f}"
     )
     assert failures == []
     assert lb.backend_state("a") == "down"
 
 
-# --- kill -9 during a push -------------------------------------------------------------
+# --- kill -9 during a push ------------------------------------------------------------
 
 
-def _stream_upload(port: int, target: str, total: int, chunk: int, on_sent) -> tuple[int | None, str]:
-    """PATCH a chunked body of `total` bytes; call on_sent(bytes_sent) after each chunk."""
+def _stream_upload(
+    port: int, target: str, total: int, chunk: int, on_sent
+) -> tuple[int | None, str]:
+    """PATCH a chunked body of `total` bytes; on_sent(sent) after each chunk."""
     conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=15)
     try:
         conn.putrequest("PATCH", target, skip_host=False, skip_accept_encoding=True)
@@ -174,7 +183,9 @@ def test_kill9_during_push_fails_cleanly_and_retry_lands_on_new_home(
             # Kill once the backend itself has taken in part of the body,
             # not while it still sits in socket buffers.
             wait_until(
-                lambda: _bytes_read(home) - read_before >= 1024 * 1024, 10, "body reaching home"
+                lambda: _bytes_read(home) - read_before >= 1024 * 1024,
+                10,
+                "body reaching home",
             )
             home.kill()
             killed_at.append(time.monotonic())
@@ -183,7 +194,8 @@ def test_kill9_during_push_fails_cleanly_and_retry_lands_on_new_home(
     result = _stream_upload(lb.port, target, 32 * 1024 * 1024, 64 * 1024, on_sent)
     failed_after = time.monotonic() - killed_at[0]
     print(
-        f"\nkill -9 of home {home.name} mid-PATCH: the client got {result[0] or 'a broken connection'}"
+        f"\nkill -9 of home {home.name} mid-PATCH: the client got "
+        f"{result[0] or 'a broken connection'}"
         f" ({result[1][:120]}) {failed_after:.2f}s after the kill"
     )
     # Cleanly: an error, never a 2xx for an upload the backend did not take.
@@ -219,13 +231,16 @@ def _put_blob(base: str, repo: str, data: bytes) -> str:
         location = base + location
     sep = "&" if "?" in location else "?"
     status, _, body = http(
-        "PUT", f"{location}{sep}digest={digest}", {"Content-Type": "application/octet-stream"}, data
+        "PUT",
+        f"{location}{sep}digest={digest}",
+        {"Content-Type": "application/octet-stream"},
+        data,
     )
     assert status == 201, body
     return digest
 
 
-# --- SIGSTOP: frozen, port open -----------------------------------------------------------
+# --- SIGSTOP: frozen, port open -------------------------------------------------------
 
 
 def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
@@ -239,7 +254,12 @@ def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
     interval, timeout, fall, rise = 0.2, 0.5, 2, 2
     lb = zotlb_factory(
         [a, b],
-        health={"interval": f"{interval}s", "timeout": f"{timeout}s", "fall": fall, "rise": rise},
+        health={
+            "interval": f"{interval}s",
+            "timeout": f"{timeout}s",
+            "fall": fall,
+            "rise": rise,
+        },
         timeouts={"read": "2s"},
         replication={"mode": "off"},
     )
@@ -263,7 +283,9 @@ def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
         wait_until(lambda: len(reads) >= 20, 10, "reads before the freeze")
         a.proc.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
-        wait_until(lambda: lb.backend_state("a") == "down", 10, "a marked down", step=0.01)
+        wait_until(
+            lambda: lb.backend_state("a") == "down", 10, "a marked down", step=0.01
+        )
         marked_down = time.monotonic()
         down_after = marked_down - frozen
         mark = len(reads)
@@ -283,9 +305,11 @@ def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
     down = lb.events("backend.down")[0]
     up = lb.events("backend.up")[-1]
     print(
-        f"\nSIGSTOP: a marked down after {down_after:.2f}s (timeout x fall = {timeout * fall:.1f}s, "
+        f"\nSIGSTOP: a marked down after {down_after:.2f}s "
+        f"(timeout x fall = {timeout * fall:.1f}s, "
         f"reason: {down['reason']}); slowest read {max(x[1] for x in reads):.2f}s, "
-        f"slowest once down {max(while_down):.3f}s; failed reads {len(failures)} of {len(reads)}; "
+        f"slowest once down {max(while_down):.3f}s; "
+        f"failed reads {len(failures)} of {len(reads)}; "
         f"SIGCONT: up after {up_after:.2f}s ({up['reason']})"
     )
     assert failures == []
@@ -296,7 +320,7 @@ def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
     assert f"{rise} probes passed" in up["reason"]
 
 
-# --- a reset in the middle of a blob download ------------------------------------------
+# --- a reset in the middle of a blob download -----------------------------------------
 
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
@@ -319,7 +343,11 @@ def _resetting_registry(chunked: bool):
         )
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            b"Docker-Content-Digest: " + BLOB_DIGEST.encode() + b"\r\n" + framing + b"\r\n"
+            b"Docker-Content-Digest: "
+            + BLOB_DIGEST.encode()
+            + b"\r\n"
+            + framing
+            + b"\r\n"
         )
         half = BLOB[: len(BLOB) // 2]
         conn.sendall(b"%x\r\n%s\r\n" % (len(half), half) if chunked else half)
@@ -332,7 +360,9 @@ def _resetting_registry(chunked: bool):
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_reset_mid_blob_is_an_error_for_the_client(framing, tmp_path):
     server = FaultServer(_resetting_registry(framing == "chunked")).start()
-    lb = conftest.start_zotlb(tmp_path, conftest.lb_config([server], replication={"mode": "off"}))
+    lb = conftest.start_zotlb(
+        tmp_path, conftest.lb_config([server], replication={"mode": "off"})
+    )
     try:
         target = f"/v2/reset/app/blobs/{BLOB_DIGEST}"
         # A raw client: what arrives, and how the connection ends.
@@ -360,7 +390,8 @@ def test_reset_mid_blob_is_an_error_for_the_client(framing, tmp_path):
             conn.getresponse().read()
         conn.close()
         print(
-            f"\nreset mid-blob ({framing}): {len(body)} body bytes of {len(BLOB)} reached the "
+            f"\nreset mid-blob ({framing}): {len(body)} body bytes of {len(BLOB)} "
+            "reached the "
             f"client, then {ending}; http.client raised {type(info.value).__name__}"
         )
         assert head.startswith(b"HTTP/1.1 200")
@@ -369,7 +400,9 @@ def test_reset_mid_blob_is_an_error_for_the_client(framing, tmp_path):
             assert f"Content-Length: {len(BLOB)}".encode() in head
             assert len(body) < len(BLOB)
         else:
-            assert not body.endswith(b"0\r\n\r\n"), "the chunked body was closed as complete"
+            assert not body.endswith(b"0\r\n\r\n"), (
+                "the chunked body was closed as complete"
+            )
         assert lb.events("request.truncated")
         assert http("GET", lb.url + "/v2/")[0] == 200
     finally:
@@ -377,7 +410,7 @@ def test_reset_mid_blob_is_an_error_for_the_client(framing, tmp_path):
         server.close()
 
 
-# --- garbage and non-registry answers on the health path -------------------------------
+# --- garbage and non-registry answers on the health path ------------------------------
 
 
 def _garbage(conn: socket.socket, head: bytes) -> bool:
@@ -400,23 +433,35 @@ def test_health_garbage_and_non_registry_200(registry_factory, tmp_path):
     backends = [real, garbage, web]
     health = {"interval": "100ms", "timeout": "300ms", "fall": 2, "rise": 2}
     lenient = conftest.start_zotlb(
-        tmp_path, conftest.lb_config(backends, health=health, replication={"mode": "off"}), "lenient.yaml"
+        tmp_path,
+        conftest.lb_config(backends, health=health, replication={"mode": "off"}),
+        "lenient.yaml",
     )
     strict = conftest.start_zotlb(
         tmp_path,
         conftest.lb_config(
-            backends, health={**health, "require_api_header": True}, replication={"mode": "off"}
+            backends,
+            health={**health, "require_api_header": True},
+            replication={"mode": "off"},
         ),
         "strict.yaml",
     )
     try:
-        wait_until(lambda: lenient.backend_state(garbage.name) == "down", 5, "garbage down")
-        wait_until(lambda: strict.backend_state(web.name) == "down", 5, "web server down (strict)")
+        wait_until(
+            lambda: lenient.backend_state(garbage.name) == "down", 5, "garbage down"
+        )
+        wait_until(
+            lambda: strict.backend_state(web.name) == "down",
+            5,
+            "web server down (strict)",
+        )
         garbage_down = _seconds_to_down(lenient, garbage.name)
         web_down = _seconds_to_down(strict, web.name)
         # Four more probe periods: the lenient view keeps the web server.
         seen = _last_probe_at(lenient, web.name)
-        wait_until(lambda: _last_probe_at(lenient, web.name) >= seen + 0.4, 5, "more probes")
+        wait_until(
+            lambda: _last_probe_at(lenient, web.name) >= seen + 0.4, 5, "more probes"
+        )
         assert lenient.backend_state(web.name) == "up"
         assert lenient.backend_state(real.name) == "up"
         assert strict.backend_state(real.name) == "up"
@@ -427,10 +472,16 @@ def test_health_garbage_and_non_registry_200(registry_factory, tmp_path):
             for lb_name, lb in (("lenient", lenient), ("strict", strict))
             for e in lb.events("backend.down")
         }
-        failed = [e["error"] for e in lenient.events("health.probe.failed") if e["backend"] == garbage.name]
+        failed = [
+            e["error"]
+            for e in lenient.events("health.probe.failed")
+            if e["backend"] == garbage.name
+        ]
         print(
-            f"\ngarbage on the health path: down after {garbage_down:.2f}s, probe error {failed[0]!r}; "
-            f"plain 200 without the API header: up when lenient, down after {web_down:.2f}s "
+            f"\ngarbage on the health path: down after {garbage_down:.2f}s, "
+            f"probe error {failed[0]!r}; "
+            "plain 200 without the API header: up when lenient, "
+            f"down after {web_down:.2f}s "
             f"when strict ({reasons[('strict', web.name)]!r})"
         )
         # fall=2 probes 100 ms apart, each answered at once.
@@ -451,8 +502,12 @@ def test_health_garbage_and_non_registry_200(registry_factory, tmp_path):
 def _seconds_to_down(lb, name: str) -> float:
     """From zotlb's start to the backend's down event, by their log timestamps."""
     started = lb.events("server.started")[0]["timestamp"]
-    down = next(e for e in lb.events("backend.down") if e["backend"] == name)["timestamp"]
-    return (datetime.fromisoformat(down) - datetime.fromisoformat(started)).total_seconds()
+    down = next(e for e in lb.events("backend.down") if e["backend"] == name)[
+        "timestamp"
+    ]
+    return (
+        datetime.fromisoformat(down) - datetime.fromisoformat(started)
+    ).total_seconds()
 
 
 def _last_probe_at(lb, name: str) -> float:
@@ -460,7 +515,7 @@ def _last_probe_at(lb, name: str) -> float:
     return backend["last_probe"]["at"]
 
 
-# --- SIGTERM with 4 uploads in flight ----------------------------------------------------
+# --- SIGTERM with 4 uploads in flight -------------------------------------------------
 
 
 class _SlowUpload:
@@ -469,7 +524,8 @@ class _SlowUpload:
     def __init__(self, port: int, target: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.sock.sendall(
-            f"PUT {target} HTTP/1.1\r\nHost: lb\r\nContent-Type: application/octet-stream\r\n"
+            f"PUT {target} HTTP/1.1\r\nHost: lb\r\n"
+            "Content-Type: application/octet-stream\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".encode()
         )
 
@@ -486,14 +542,18 @@ class _SlowUpload:
             raw.extend(chunk)
         self.sock.close()
         head = bytes(raw).partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-        headers = {k.strip(): v.strip() for k, _, v in (x.partition(":") for x in head[1:])}
+        headers = {
+            k.strip(): v.strip() for k, _, v in (x.partition(":") for x in head[1:])
+        }
         return int(head[0].split(" ")[1]), headers
 
 
 def test_sigterm_with_4_uploads_in_flight_lets_them_finish(registries, zotlb_factory):
     a, b = registries
     grace = 10.0
-    lb = zotlb_factory([a, b], timeouts={"shutdown_grace": f"{grace}s"}, replication={"mode": "off"})
+    lb = zotlb_factory(
+        [a, b], timeouts={"shutdown_grace": f"{grace}s"}, replication={"mode": "off"}
+    )
     pieces = [bytes([i]) * (256 * 1024) for i in range(16)]  # 4 MiB an upload
     uploads, digests = [], []
     for i in range(4):
@@ -508,7 +568,11 @@ def test_sigterm_with_4_uploads_in_flight_lets_them_finish(registries, zotlb_fac
         uploads.append((upload, content))
         digests.append((repo, digest))
     # zotlb is relaying all four to the backends.
-    wait_until(lambda: sum(x["in_flight"] for x in lb.status()["backends"]) == 4, 10, "4 in flight")
+    wait_until(
+        lambda: sum(x["in_flight"] for x in lb.status()["backends"]) == 4,
+        10,
+        "4 in flight",
+    )
     assert http("GET", lb.url + "/v2/")[0] == 200  # new connections still accepted
 
     lb.proc.send_signal(signal.SIGTERM)
@@ -526,22 +590,26 @@ def test_sigterm_with_4_uploads_in_flight_lets_them_finish(registries, zotlb_fac
     code = lb.proc.wait(grace + 5)
     exited_after = time.monotonic() - signalled
     print(
-        f"\nSIGTERM with 4 uploads in flight: listener closed after {refused_after:.2f}s, "
+        "\nSIGTERM with 4 uploads in flight: "
+        f"listener closed after {refused_after:.2f}s, "
         f"uploads answered {[s for s, _ in results]} after {finished_after:.2f}s, "
         f"exit {code} after {exited_after:.2f}s (grace {grace:.0f}s)"
     )
-    for (status, headers), (repo, digest) in zip(results, digests):
+    for (status, headers), (repo, digest) in zip(results, digests, strict=True):
         assert status == 201 and headers["Docker-Content-Digest"] == digest
         assert any(
-            http("HEAD", f"{reg.url}/v2/{repo}/blobs/{digest}")[0] == 200 for reg in (a, b)
+            http("HEAD", f"{reg.url}/v2/{repo}/blobs/{digest}")[0] == 200
+            for reg in (a, b)
         )
     assert code == 0 and exited_after < grace
 
 
-# --- 1 000 concurrent connections ---------------------------------------------------------
+# --- 1 000 concurrent connections -----------------------------------------------------
 
 
-async def _hold_and_ask(port: int, count: int) -> tuple[list[int], list[asyncio.StreamWriter]]:
+async def _hold_and_ask(
+    port: int, count: int
+) -> tuple[list[int], list[asyncio.StreamWriter]]:
     """Open `count` connections, then send GET /v2/ on all of them at once."""
     opened = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", port) for _ in range(count))
@@ -607,7 +675,8 @@ def test_1000_concurrent_connections_all_served(registries, tmp_path):
         print(
             f"\n{count} concurrent connections: {statuses.count(200)} answered 200 in "
             f"{elapsed:.2f}s, {open_now:.0f} client connections open at once, "
-            f"zotlb peak RSS {rss / 1024:.1f} MiB (soft limit raised from 1024 to {raised[0]['soft']})"
+            f"zotlb peak RSS {rss / 1024:.1f} MiB "
+            f"(soft limit raised from 1024 to {raised[0]['soft']})"
         )
         assert statuses == [200] * count
         assert open_now >= count

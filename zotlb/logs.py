@@ -50,7 +50,8 @@ class _MalformedRequestFilter(logging.Filter):
         if not isinstance(exc, HttpProcessingError):
             return True
         reason = (exc.message or type(exc).__name__).strip().splitlines()
-        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        args = record.args
+        client = args[0] if isinstance(args, tuple) and args else None
         get("zotlb.access").info(
             "request.malformed",
             status=exc.code,

@@ -19,8 +19,8 @@ from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
-from .stats import Stats
 from .replication import Replicator
+from .stats import Stats
 
 log = get_logger("zotlb.server")
 
@@ -90,7 +90,7 @@ class Server:
         # Room for backends a reload may add.
         self._health_session = _new_session(cfg, limit=max(16, len(cfg.backends) * 2))
         self._start_replication()
-        self.proxy = proxy = Proxy(
+        self.proxy = Proxy(
             cfg,
             self.pool,
             self.metrics,
@@ -168,7 +168,8 @@ class Server:
         for site in list(runner.sites):
             await site.stop()
         try:
-            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(self._idle.wait(), remaining)
         except TimeoutError:
             log.warning("server.grace_expired", requests=self._busy)
         if self._handler is not None:
