@@ -15,7 +15,7 @@ from pathlib import Path
 
 import conftest
 import pytest
-from conftest import lb_config, needs_registry, start_zotlb
+from conftest import lb_config, needs_registry, start_zotlb, wait_until
 from recorder import Recorder, Tripwire
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -293,7 +293,7 @@ def test_alive_after_whole_corpus(corpus_lb, other_host) -> None:
     )
     assert other_host.contacts == 0
     # Parser rejections are one info line each, never an error with a traceback.
-    assert corpus_lb.events("request.malformed")
+    wait_until(lambda: corpus_lb.events("request.malformed"), 5, "request.malformed")
     assert "Traceback" not in "".join(corpus_lb.lines)
 
 

@@ -302,6 +302,8 @@ def test_sigstop_marks_down_within_timeout_x_fall_and_sigcont_brings_it_back(
         stop.set()
         for t in threads:
             t.join(15)
+    # Log lines arrive through a reader thread: wait for them too.
+    wait_until(lambda: lb.events("backend.up"), 5, "backend.up logged")
     down = lb.events("backend.down")[0]
     up = lb.events("backend.up")[-1]
     print(
@@ -403,7 +405,9 @@ def test_reset_mid_blob_is_an_error_for_the_client(framing, tmp_path):
             assert not body.endswith(b"0\r\n\r\n"), (
                 "the chunked body was closed as complete"
             )
-        assert lb.events("request.truncated")
+        wait_until(
+            lambda: lb.events("request.truncated"), 5, "request.truncated logged"
+        )
         assert http("GET", lb.url + "/v2/")[0] == 200
     finally:
         lb.stop()
@@ -467,6 +471,14 @@ def test_health_garbage_and_non_registry_200(registry_factory, tmp_path):
         assert strict.backend_state(real.name) == "up"
         assert strict.backend_state(garbage.name) == "down"
 
+        wait_until(
+            lambda: (
+                len(lenient.events("backend.down")) >= 1
+                and len(strict.events("backend.down")) >= 2
+            ),
+            5,
+            "backend.down logged",
+        )
         reasons = {
             (lb_name, e["backend"]): e["reason"]
             for lb_name, lb in (("lenient", lenient), ("strict", strict))
