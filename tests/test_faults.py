@@ -616,6 +616,41 @@ def test_sigterm_with_4_uploads_in_flight_lets_them_finish(registries, zotlb_fac
     assert code == 0 and exited_after < grace
 
 
+def test_sigterm_cuts_off_an_upload_that_outlasts_the_grace(registries, zotlb_factory):
+    a, b = registries
+    grace = 1.0
+    lb = zotlb_factory(
+        [a, b], timeouts={"shutdown_grace": f"{grace}s"}, replication={"mode": "off"}
+    )
+    status, headers, _ = http("POST", f"{lb.url}/v2/stuck/app/blobs/uploads/")
+    assert status == 202
+    loc = urlsplit(headers["Location"])
+    upload = _SlowUpload(lb.port, f"{loc.path}?{loc.query}&digest=sha256:{'0' * 64}")
+    upload.send(b"never finished")
+    wait_until(
+        lambda: sum(x["in_flight"] for x in lb.status()["backends"]) == 1,
+        10,
+        "in flight",
+    )
+    lb.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    code = lb.proc.wait(grace + 10)
+    exited_after = time.monotonic() - signalled
+    upload.sock.settimeout(5)
+    try:
+        leftover = upload.sock.recv(65536)
+    except OSError:
+        leftover = b""
+    upload.sock.close()
+    print(
+        f"\nSIGTERM with an upload that never ends: exit {code} after "
+        f"{exited_after:.2f}s (grace {grace:.0f}s); the client got {leftover[:12]!r}"
+    )
+    assert code == 0 and grace <= exited_after < grace + 3
+    assert not leftover.startswith(b"HTTP/1.1 2")
+    wait_until(lambda: lb.events("server.grace_expired"), 5, "grace_expired logged")
+
+
 # --- 1 000 concurrent connections -----------------------------------------------------
 
 

@@ -173,9 +173,11 @@ class Server:
         except TimeoutError:
             log.warning("server.grace_expired", requests=self._busy)
         if self._handler is not None:
-            # Now close every connection (idle keep-alives end at once).
+            # Now close every connection (idle keep-alives end at once). aiohttp
+            # reads a timeout of 0 as "none": past the deadline, give it a
+            # token one so what is left is cancelled instead of awaited.
             self._handler.pre_shutdown()
-            await self._handler.shutdown(max(0.0, deadline - time.monotonic()))
+            await self._handler.shutdown(max(0.01, deadline - time.monotonic()))
 
     # --- runtime controls (the admin API calls these) --------------------------
 
