@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -46,7 +47,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '2s'")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("the number is too large for a duration") from None
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -56,6 +60,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like '2s'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -184,6 +190,9 @@ class HealthConfig(_Section):
     expect_status: list[int] = Field(default_factory=lambda: [200, 401], min_length=1)
     # Sent as HTTP basic auth with every probe, for registries that need a login.
     credentials: Credentials | None = None
+    # Also demand `Docker-Distribution-API-Version: registry/2.0` in the answer,
+    # so a web server that happens to answer 200 on the path is not a registry.
+    require_api_header: bool = False
 
     @field_validator("path")
     @classmethod
@@ -338,13 +347,19 @@ class LBConfig(_Section):
         return parse_hostport(self.listen.address)
 
 
+_PLAIN_KEY = re.compile(r"[\w.-]+")
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            # A key with spaces or control characters is quoted, so it cannot
+            # forge further lines in the report.
+            text = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(part)
+            out += f".{text}" if out else text
     return out or "(top level)"
 
 

@@ -26,6 +26,9 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import API_VERSION, API_VERSION_HEADER, oci_error
+from .logs import get as get_logger
+
+access_log = get_logger("zotlb.access")
 
 # Called with the reason whenever a limit turns a client away.
 LimitListener = Callable[[str], None]
@@ -115,7 +118,16 @@ class _Handler(RequestHandler):
         if too_big:
             status = 431
             self._on_limit("header_too_large")
-        response = oci_error(status, "UNSUPPORTED", _reason(exc, message))
+        reason = _reason(exc, message)
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        # One line at info: the client's mistake, never a traceback.
+        access_log.info(
+            "request.malformed",
+            status=status,
+            reason=reason,
+            client=peer[0] if isinstance(peer, tuple) else None,
+        )
+        response = oci_error(status, "UNSUPPORTED", reason)
         response.force_close()
         return response
 

@@ -22,8 +22,8 @@ from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
-from .stats import Stats
 from .replication import Replicator
+from .stats import Stats
 
 log = get_logger("zotlb.server")
 
@@ -63,6 +63,10 @@ class Server:
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        # Client requests being handled; set when there are none.
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._runners: list[web.BaseRunner] = []
         self._handler: Listener | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -92,7 +96,7 @@ class Server:
         # Room for backends a reload may add.
         self._health_session = _new_session(cfg, limit=max(16, len(cfg.backends) * 2))
         self._start_replication()
-        self.proxy = proxy = Proxy(
+        self.proxy = Proxy(
             cfg,
             self.pool,
             self.metrics,
@@ -101,7 +105,7 @@ class Server:
             replicator=self.replicator,
         )
 
-        self._handler = handler = _listener(cfg, proxy.handle, self.metrics)
+        self._handler = handler = _listener(cfg, self._handle, self.metrics)
         runner = web.ServerRunner(
             handler, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown_grace
         )
@@ -149,6 +153,40 @@ class Server:
             mode=cfg.mode,
             backends=[b.name for b in self.pool.backends],
         )
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.proxy is not None
+        self._busy += 1
+        self._idle.clear()
+        try:
+            return await self.proxy.handle(request)  # type: ignore[arg-type]
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _drain(self, deadline: float) -> None:
+        """Close the proxy listener, then let requests in flight finish.
+
+        aiohttp's own shutdown stops reading from every connection at once,
+        which would stall an upload whose body is still arriving until the
+        grace period runs out: so wait for those first, and hand aiohttp
+        only what is left at the deadline.
+        """
+        runner = self._runners[0]
+        for site in list(runner.sites):
+            await site.stop()
+        try:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(self._idle.wait(), remaining)
+        except TimeoutError:
+            log.warning("server.grace_expired", requests=self._busy)
+        if self._handler is not None:
+            # Now close every connection (idle keep-alives end at once). aiohttp
+            # reads a timeout of 0 as "none": past the deadline, give it a
+            # token one so what is left is cancelled instead of awaited.
+            self._handler.pre_shutdown()
+            await self._handler.shutdown(max(0.01, deadline - time.monotonic()))
 
     # --- runtime controls (the admin API calls these) --------------------------
 
@@ -279,6 +317,8 @@ class Server:
         transports = [
             c.transport for c in (self._handler.connections if self._handler else [])
         ]
+        if self._runners:
+            await self._drain(deadline)
         for runner in self._runners:
             await runner.cleanup()
         await _flushed([t for t in transports if t is not None], deadline)
@@ -378,9 +418,11 @@ def _raise_fd_limit(cfg: LBConfig) -> None:
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("server.nofile", soft=soft, hard=hard, error=str(exc))
+        else:
+            log.info("server.nofile", previous=soft, soft=hard)
             soft = hard
-        except (ValueError, OSError):
-            pass
     wanted = 2 * cfg.limits.max_connections + 256
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warning(
