@@ -260,9 +260,12 @@ def start_zotlb(tmp_path: Path, cfg: dict[str, Any], name: str = "lb.yaml") -> Z
         stderr=subprocess.PIPE,
         text=True,
     )
+    listen = cfg["listen"]
+    if isinstance(listen, dict):  # `listen: {address: ..., tls: ...}`
+        listen = listen["address"]
     lb = Zotlb(
         path,
-        int(cfg["listen"].rsplit(":", 1)[1]),
+        int(listen.rsplit(":", 1)[1]),
         int(cfg["admin"]["listen"].rsplit(":", 1)[1]),
         proc,
     )

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
+import os
 import socket
+import ssl
 
+import conftest
 import pytest
+from conftest import lb_config, needs_registry, start_zotlb
 from test_http_details import echo, echo_lb  # noqa: F401  (fixtures)
+from test_tls import ca, tls_listen, tls_registry, tls_registry_factory  # noqa: F401
 
 from zotlb import splice
 
@@ -135,3 +141,47 @@ def test_backend_break_mid_splice_breaks_the_client_connection(echo_lb):  # noqa
     truncated = echo_lb.events("request.truncated")
     assert truncated and truncated[0]["path"] == "/v2/break/8"
     assert "BackendEnded" in truncated[0]["error"]
+
+
+# --- never under TLS: plaintext must not reach a TLS socket -----------------------
+
+
+def test_tls_client_gets_the_big_body_encrypted(echo, tmp_path, ca):  # noqa: F811
+    lb = start_zotlb(tmp_path, lb_config([echo], listen=tls_listen(ca.issue("zotlb"))))
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca.pem))
+        conn = http.client.HTTPSConnection("127.0.0.1", lb.port, context=ctx, timeout=20)
+        for _ in range(2):
+            conn.request("GET", "/v2/stream/8")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.read() == b"z" * (8 * MIB)
+        conn.close()
+    finally:
+        lb.stop()
+
+
+@needs_registry
+def test_https_backend_big_blob_is_exact(tls_registry, tmp_path, ca):  # noqa: F811
+    cfg = lb_config([tls_registry], replication={"mode": "off"})
+    cfg["backends"][0]["tls"] = {"ca_file": str(ca.pem)}
+    lb = start_zotlb(tmp_path, cfg)
+    try:
+        blob = os.urandom(3 * MIB)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        status, headers, _ = conftest.http("POST", lb.url + "/v2/big/blobs/uploads/")
+        assert status == 202
+        location = headers["Location"]
+        sep = "&" if "?" in location else "?"
+        status, _, _ = conftest.http(
+            "PUT",
+            f"{location}{sep}digest={digest}",
+            headers={"Content-Type": "application/octet-stream"},
+            data=blob,
+        )
+        assert status == 201
+        status, _, body = conftest.http("GET", f"{lb.url}/v2/big/blobs/{digest}")
+        assert status == 200
+        assert body == blob
+    finally:
+        lb.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import itertools
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Backend:
     ok_streak: int = 0
     fail_streak: int = 0
     last_probe: ProbeResult | None = None
+    # aiohttp's `ssl=` for this backend; the server sets it from backends[].tls.
+    tls: ssl.SSLContext | bool = True
     origin: str = field(init=False)
 
     @classmethod

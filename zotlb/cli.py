@@ -18,7 +18,11 @@ EXIT_CONFIG = 2
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from .tls import build as build_tls
+
     cfg = load_config(args.config)
+    # Certificates and keys are read too, as `serve` would.
+    build_tls(cfg, args.config)
     names = ", ".join(b.name for b in cfg.backends)
     print(f"{args.config}: ok ({cfg.mode}, backends: {names})")
     return EXIT_OK

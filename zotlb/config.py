@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -46,7 +47,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '2s'")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("the number is too large for a duration") from None
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -56,6 +60,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like '2s'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -107,9 +113,28 @@ class _Section(BaseModel):
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+def _readable_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"{value!r}: no such file")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r}: not readable")
+    return value
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+class BackendTLS(_Section):
+    # CA bundle (PEM) that signed the backend's certificate; None: the system CAs.
+    ca_file: ReadableFile | None = None
+    # Check the backend's certificate and host name; off only for testing.
+    verify: bool = True
+
+
 class BackendConfig(_Section):
     name: str
     url: str
+    tls: BackendTLS | None = None
 
     @field_validator("name")
     @classmethod
@@ -142,9 +167,22 @@ class BackendConfig(_Section):
             raise ValueError(f"{value!r}: credentials do not belong in the URL")
         return str(url.origin())
 
+    @field_validator("tls")
+    @classmethod
+    def _check_tls(cls, value: BackendTLS | None, info: Any) -> BackendTLS | None:
+        url = info.data.get("url", "")
+        if value is not None and url and not url.startswith("https:"):
+            raise ValueError(f"only for https URLs, and {url} is not one")
+        return value
+
     @property
     def origin(self) -> URL:
         return URL(self.url)
+
+
+class Credentials(_Section):
+    username: str = Field(min_length=1)
+    password: SecretStr = Field(min_length=1)
 
 
 class HealthConfig(_Section):
@@ -154,6 +192,11 @@ class HealthConfig(_Section):
     rise: int = Field(2, ge=1)
     fall: int = Field(3, ge=1)
     expect_status: list[int] = Field(default_factory=lambda: [200, 401], min_length=1)
+    # Sent as HTTP basic auth with every probe, for registries that need a login.
+    credentials: Credentials | None = None
+    # Also demand `Docker-Distribution-API-Version: registry/2.0` in the answer,
+    # so a web server that happens to answer 200 on the path is not a registry.
+    require_api_header: bool = False
 
     @field_validator("path")
     @classmethod
@@ -177,6 +220,47 @@ class TimeoutsConfig(_Section):
     read: PositiveDuration = 300.0
     # SIGTERM: how long in-flight requests get to finish.
     shutdown_grace: Duration = 30.0
+    # A client's request headers must be complete this long after their
+    # first byte (slowloris).
+    request_header: PositiveDuration = 10.0
+    # A client connection with no request in progress is closed after this.
+    idle: PositiveDuration = 75.0
+
+
+class LimitsConfig(_Section):
+    # The longest request line or single header line, in bytes.
+    max_header_size: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    # The most header fields one request may carry.
+    max_headers: int = Field(128, ge=16, le=10_000)
+    # Client connections open at once; beyond it new ones get a 503.
+    max_connections: int = Field(8192, ge=1)
+
+
+class ListenTLS(_Section):
+    # PEM certificate chain and private key zotlb presents to clients.
+    cert: ReadableFile
+    key: ReadableFile
+    # With a CA file, clients must present a certificate it signed (mTLS).
+    client_ca: ReadableFile | None = None
+
+
+class ListenConfig(_Section):
+    address: str = "127.0.0.1:5000"
+    tls: ListenTLS | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+
+def _listen_from_yaml(value: Any) -> Any:
+    # `listen: host:port` is short for `listen: {address: host:port}`.
+    if isinstance(value, str):
+        parse_hostport(value)  # so a bad address is reported as `listen:`
+        return {"address": value}
+    return value
 
 
 class AdminConfig(_Section):
@@ -212,12 +296,13 @@ class LogConfig(_Section):
 class LBConfig(_Section):
     """The whole of lb.yaml."""
 
-    listen: str = "127.0.0.1:5000"
+    listen: Annotated[ListenConfig, BeforeValidator(_listen_from_yaml)] = ListenConfig()
     mode: Literal["active-active", "active-passive"] = "active-active"
     failback: Literal["auto", "manual"] = "auto"
     backends: list[BackendConfig] = Field(min_length=1)
     health: HealthConfig = HealthConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
     # How many other backends an idempotent read may be retried on.
     retries: int = Field(2, ge=0, le=16)
     # Processes serving `listen` together (SO_REUSEPORT); 0 or auto: one per core.
@@ -228,12 +313,6 @@ class LBConfig(_Section):
     log: LogConfig = LogConfig()
     zot: ZotSection = Field(default_factory=lambda: ZotSection())
     replication: ReplicationConfig = Field(default_factory=lambda: ReplicationConfig())
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        parse_hostport(value)
-        return value
 
     @model_validator(mode="after")
     def _check_backends(self) -> LBConfig:
@@ -271,12 +350,14 @@ class LBConfig(_Section):
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        return parse_hostport(self.listen)
+        return parse_hostport(self.listen.address)
 
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
+
+_PLAIN_KEY = re.compile(r"[\w.-]+")
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
@@ -284,7 +365,10 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            # A key with spaces or control characters is quoted, so it cannot
+            # forge further lines in the report.
+            text = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(part)
+            out += f".{text}" if out else text
     return out or "(top level)"
 
 

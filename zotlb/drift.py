@@ -98,7 +98,7 @@ async def _paged(
     url: str | None = f"{path}?n={_PAGE}"
     while url is not None:
         target = URL(backend.origin + url, encoded=True)
-        async with session.get(target, auth=auth) as resp:
+        async with session.get(target, auth=auth, ssl=backend.tls) as resp:
             if resp.status == 404:
                 return items
             if resp.status != 200:
@@ -119,7 +119,8 @@ async def _tag_digest(
 ) -> str | None:
     url = URL(f"{backend.origin}/v2/{repo}/manifests/{tag}", encoded=True)
     headers = {"Accept": MANIFEST_ACCEPT}
-    async with limit, session.head(url, headers=headers, auth=auth) as resp:
+    head = session.head(url, headers=headers, auth=auth, ssl=backend.tls)
+    async with limit, head as resp:
         if resp.status != 200:
             return None
         return resp.headers.get("Docker-Content-Digest")
@@ -343,7 +344,13 @@ def _print_report(report: DriftReport) -> None:
 
 
 def _pool(cfg: LBConfig) -> Pool:
-    return Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
+    from .tls import backend_contexts
+
+    pool = Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
+    contexts = backend_contexts(cfg.backends)
+    for backend in pool.backends:
+        backend.tls = contexts[backend.name]
+    return pool
 
 
 async def _diff(cfg: LBConfig, as_json: bool) -> int:

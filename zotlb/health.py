@@ -8,6 +8,7 @@ import time
 import aiohttp
 
 from .backends import Backend, Pool, ProbeResult
+from .errors import API_VERSION, API_VERSION_HEADER
 from .logs import get as get_logger
 from .metrics import Metrics
 
@@ -52,10 +53,15 @@ class HealthChecker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self, backend: Backend) -> None:
+        # Probes start every `interval` (a slow probe delays the next one
+        # only by its own overrun), so a frozen backend that eats the whole
+        # timeout is marked down after about `timeout x fall`.
         while True:
+            started = time.monotonic()
             result = await self.probe(backend)
             self.pool.record_probe(backend, result)
-            await asyncio.sleep(self.pool.health.interval)
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, self.pool.health.interval - elapsed))
 
     async def probe(self, backend: Backend) -> ProbeResult:
         cfg = self.pool.health
@@ -63,20 +69,32 @@ class HealthChecker:
         started = time.monotonic()
         status: int | None = None
         error: str | None = None
+        creds = cfg.credentials
+        auth = (
+            aiohttp.BasicAuth(creds.username, creds.password.get_secret_value())
+            if creds is not None
+            else None
+        )
         try:
             async with self.session.get(
                 url,
                 timeout=aiohttp.ClientTimeout(total=cfg.timeout),
                 allow_redirects=False,
+                auth=auth,
+                ssl=backend.tls,
             ) as resp:
                 status = resp.status
+                api_version = resp.headers.get(API_VERSION_HEADER)
                 await resp.read()
             ok = status in cfg.expect_status
             if not ok:
                 error = f"unexpected status {status}"
+            elif cfg.require_api_header and api_version != API_VERSION:
+                ok, error = False, f"no {API_VERSION_HEADER}: {API_VERSION} header"
         except TimeoutError:
             ok, error = False, f"timed out after {cfg.timeout}s"
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # Includes an answer that is not HTTP at all (a bad status line).
             ok, error = False, f"{type(exc).__name__}: {exc}"
         latency = time.monotonic() - started
 

@@ -135,6 +135,13 @@ class Metrics:
             "Open client connections on the proxy listener.",
             registry=r,
         )
+        self.client_limits = Counter(
+            "zotlb_client_limit_hits_total",
+            "Clients turned away by a limit: max_connections, "
+            "request_header_timeout, header_too_large.",
+            ["reason"],
+            registry=r,
+        )
         self.backend_connections = Gauge(
             "zotlb_backend_connections",
             "Connections to backends, by use (active/idle).",

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
+import aiohttp.payload
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -63,6 +65,119 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 class _ClientGone(Exception):
     pass
+
+
+# aiohttp 3.10+ tells a connect timeout apart from a read timeout.
+_ConnectTimeout: type[Exception] = getattr(
+    aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError
+)
+
+
+def _connect_failure(backend: Backend, exc: Exception) -> tuple[ProxyError, str]:
+    """What the client hears, and the reason logged, when no connection was made."""
+    if isinstance(exc, _ConnectTimeout):
+        message = f"backend {backend.name} did not accept a connection in time"
+        return BackendTimeout(message), "connect timed out"
+    reason = str(getattr(exc, "os_error", None) or exc)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # Certificate not trusted, wrong host name, or no TLS on the other end.
+        return BackendBroken(f"backend {backend.name}: TLS handshake failed"), (
+            f"TLS handshake failed: {reason}"
+        )
+    return BackendBroken(f"backend {backend.name} refused the connection"), reason
+
+
+class _UploadWatch:
+    """timeouts.read for request bodies: the backend must keep taking bytes.
+
+    aiohttp's read timeout starts once the body is sent, so a backend that
+    stops reading mid-upload would hold the request (and the client) forever.
+    The body generator only flags each hand-over (cheap, once per chunk); a
+    timer looks every half limit, and once the same chunk was still waiting
+    at two looks after the one that first saw it (1 to 1.5 limits of
+    silence) it aborts the backend connection. Abort, not close: a close
+    waits for the unsent bytes to drain, which a deaf backend never allows.
+    """
+
+    __slots__ = (
+        "_checks",
+        "_handed",
+        "_limit",
+        "_seen",
+        "_timer",
+        "_waiting",
+        "transport",
+    )
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._handed = 0
+        self._waiting = False
+        self._seen = -1
+        self._checks = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self._checks >= 2
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limit / 2, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        if self._waiting and self._handed == self._seen:
+            self._checks += 1
+        else:
+            self._checks = 0
+        self._seen = self._handed
+        if self.expired and self.transport is not None:
+            self._timer = None
+            self.transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limit / 2, self._check)
+
+    def handed_over(self) -> None:
+        self._handed += 1
+        self._waiting = True
+
+    def taken(self) -> None:
+        self._waiting = False
+
+
+class _NoWatch(_UploadWatch):
+    __slots__ = ()
+
+    def start(self) -> None:
+        pass
+
+
+class _WatchedBody(aiohttp.payload.AsyncIterablePayload):
+    """A streamed request body that tells its watch which connection it is on."""
+
+    def __init__(self, value: AsyncIterator[bytes], watch: _UploadWatch) -> None:
+        super().__init__(value)
+        self._watch = watch
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._watch.transport = getattr(writer, "transport", None)
+        await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._watch.transport = getattr(writer, "transport", None)
+        await super().write_with_length(writer, content_length)
+
+
+_NO_WATCH = _NoWatch(0)
 
 
 @dataclass(slots=True)
@@ -222,11 +337,11 @@ class Proxy:
                 out.retries += 1
             try:
                 upstream = await self._send(request, backend, route, headers, has_body, out)
-            except aiohttp.ClientConnectorError as exc:
+            except (aiohttp.ClientConnectorError, _ConnectTimeout) as exc:
                 # Nothing was sent: any request may go elsewhere.
-                self.pool.mark_down(backend, f"connect failed: {exc.os_error or exc}")
+                error, reason = _connect_failure(backend, exc)
+                self.pool.mark_down(backend, f"connect failed: {reason}")
                 self._note_retry(backend, "connect", has_next, route)
-                error = BackendBroken(f"backend {backend.name} refused the connection")
                 continue
             except TimeoutError:
                 if not has_body:
@@ -312,9 +427,14 @@ class Proxy:
         out: _Outcome,
     ) -> aiohttp.ClientResponse:
         url = URL(backend.origin + route.target, encoded=True)
-        body = self._body(request, out) if has_body else None
+        body: _WatchedBody | None = None
+        watch: _UploadWatch = _NO_WATCH
+        if has_body:
+            watch = _UploadWatch(self.cfg.timeouts.read)
+            body = _WatchedBody(self._body(request, out, watch), watch)
         backend.in_flight += 1
         self.metrics.in_flight.labels(backend.name).inc()
+        watch.start()
         try:
             return await self.session.request(
                 route.method,
@@ -325,14 +445,24 @@ class Proxy:
                 timeout=self.timeout,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                 compress=None,
+                ssl=backend.tls,
             )
+        except aiohttp.ClientError:
+            if watch.expired:
+                raise TimeoutError("the backend stopped taking the request body") from None
+            raise
         finally:
+            watch.stop()
             backend.in_flight -= 1
             self.metrics.in_flight.labels(backend.name).dec()
 
-    async def _body(self, request: web.Request, out: _Outcome) -> AsyncIterator[bytes]:
+    async def _body(
+        self, request: web.Request, out: _Outcome, watch: _UploadWatch
+    ) -> AsyncIterator[bytes]:
         content = request.content
         while True:
+            # Time spent waiting for the client is not the backend's.
+            watch.taken()
             chunk = await content.readany()
             if not chunk:
                 return
@@ -342,6 +472,7 @@ class Proxy:
                     out.manifest.extend(chunk)
                 else:
                     out.manifest = None
+            watch.handed_over()
             yield chunk
 
     async def _read_miss(self, backend: Backend, upstream: aiohttp.ClientResponse) -> _Miss:

@@ -186,6 +186,7 @@ class Copier:
                     headers={"Accept": MANIFEST_ACCEPT},
                     timeout=self.timeout,
                     auth=self.auth,
+                    ssl=source.tls,
                 ) as resp:
                     if resp.status == 200:
                         return await resp.read(), resp.content_type, source
@@ -203,6 +204,7 @@ class Copier:
             headers={"Accept": MANIFEST_ACCEPT},
             timeout=self.timeout,
             auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             return resp.status == 200
 
@@ -277,6 +279,7 @@ class Copier:
             headers={"Content-Type": media_type},
             timeout=self.timeout,
             auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             if resp.status != 201:
                 detail = (await resp.content.read(2048)).decode(errors="replace")
@@ -286,7 +289,7 @@ class Copier:
     async def delete(self, target: Backend, repo: str, reference: str) -> None:
         url = URL(f"{target.origin}/v2/{repo}/manifests/{reference}", encoded=True)
         async with self.session.delete(
-            url, timeout=self.timeout, auth=self.auth
+            url, timeout=self.timeout, auth=self.auth, ssl=target.tls
         ) as resp:
             # 404: already gone, which is what was asked.
             if resp.status not in (200, 202, 204, 404):
@@ -300,7 +303,7 @@ class Copier:
         """Make target hold digest in repo: HEAD, then mount, then stream a copy."""
         blob_url = URL(f"{target.origin}/v2/{repo}/blobs/{digest}", encoded=True)
         async with self.session.head(
-            blob_url, timeout=self.timeout, auth=self.auth
+            blob_url, timeout=self.timeout, auth=self.auth, ssl=target.tls
         ) as resp:
             if resp.status == 200:
                 self._remember(target, digest, repo)
@@ -311,7 +314,11 @@ class Copier:
         elsewhere = seen.get(digest) if seen is not None else None
         params = {"mount": digest, "from": elsewhere} if elsewhere else None
         async with self.session.post(
-            uploads, params=params, timeout=self.timeout, auth=self.auth
+            uploads,
+            params=params,
+            timeout=self.timeout,
+            auth=self.auth,
+            ssl=target.tls,
         ) as resp:
             if resp.status == 201:
                 self._remember(target, digest, repo)
@@ -334,7 +341,7 @@ class Copier:
             self._remember(target, digest, repo)
             self._count(target, size)
             return size
-        await self._abandon(location)
+        await self._abandon(target, location)
         raise ReplicationFailed(cause, f"blob {digest}: {last}")
 
     async def _stream(
@@ -342,7 +349,9 @@ class Copier:
     ) -> int:
         src_url = URL(f"{source.origin}/v2/{repo}/blobs/{digest}", encoded=True)
         try:
-            src = await self.session.get(src_url, timeout=self.timeout, auth=self.auth)
+            src = await self.session.get(
+                src_url, timeout=self.timeout, auth=self.auth, ssl=source.tls
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ReplicationFailed(
                 SOURCE_DOWN, f"{source.name}: {type(exc).__name__}: {exc}"
@@ -373,15 +382,16 @@ class Copier:
                 headers=headers,
                 timeout=self.timeout,
                 auth=self.auth,
+                ssl=target.tls,
             ) as resp:
                 if resp.status != 201:
                     _raise_for(resp.status, f"blob PUT to {target.name}")
         return counted
 
-    async def _abandon(self, location: URL) -> None:
+    async def _abandon(self, target: Backend, location: URL) -> None:
         try:
             async with self.session.delete(
-                location, timeout=self.timeout, auth=self.auth
+                location, timeout=self.timeout, auth=self.auth, ssl=target.tls
             ):
                 pass
         except (aiohttp.ClientError, TimeoutError):

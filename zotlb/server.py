@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, tls
 from .admin import create_admin_app
 from .backends import Pool, State
 from .config import ConfigError, LBConfig, load_config, parse_hostport
 from .drift import DriftWatch
 from .health import HealthChecker
+from .listener import Listener, ListenerSite
 from .logs import configure as configure_logging
 from .logs import get as get_logger
 from .metrics import Metrics
 from .proxy import Proxy
-from .stats import Stats
 from .replication import Replicator
+from .stats import Stats
 
 log = get_logger("zotlb.server")
 
@@ -54,13 +57,20 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self.metrics.info.labels(__version__, cfg.mode).set(1)
         self.pool = Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
+        # Certificates are read once, here: a bad one stops the start (exit 2).
+        self.tls = tls.build(cfg, config_path or "<config>")
+        self._set_backend_tls(self.tls.backends)
         self.pool.on_state_change(self._on_state_change)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         # workers > 1: every worker binds the proxy port with SO_REUSEPORT.
         self.reuse_port = False
+        # Client requests being handled; set when there are none.
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._runners: list[web.BaseRunner] = []
-        self._handler: web.Server | None = None
+        self._handler: Listener | None = None
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
@@ -88,7 +98,7 @@ class Server:
         # Room for backends a reload may add.
         self._health_session = _new_session(cfg, limit=max(16, len(cfg.backends) * 2))
         self._start_replication()
-        self.proxy = proxy = Proxy(
+        self.proxy = Proxy(
             cfg,
             self.pool,
             self.metrics,
@@ -97,20 +107,21 @@ class Server:
             replicator=self.replicator,
         )
 
-        self._handler = handler = web.Server(
-            proxy.handle,
-            auto_decompress=False,
-            access_log=None,
-            keepalive_timeout=75.0,
-        )
+        self._handler = handler = _listener(cfg, self._handle, self.metrics)
         runner = web.ServerRunner(
             handler, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown_grace
         )
         await runner.setup()
         self._runners.append(runner)
         host, port = cfg.listen_address
-        await web.TCPSite(
-            runner, host, port, backlog=1024, reuse_port=self.reuse_port or None
+        await ListenerSite(
+            runner,
+            host,
+            port,
+            backlog=1024,
+            ssl_context=self.tls.listener,
+            handshake_timeout=cfg.timeouts.request_header,
+            reuse_port=self.reuse_port,
         ).start()
         watch_connections(self.metrics, handler, self._session)
 
@@ -139,11 +150,46 @@ class Server:
         log.info(
             "server.started",
             version=__version__,
-            listen=cfg.listen,
+            listen=cfg.listen.address,
+            tls=self.tls.listener is not None,
             admin=cfg.admin.listen,
             mode=cfg.mode,
             backends=[b.name for b in self.pool.backends],
         )
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.proxy is not None
+        self._busy += 1
+        self._idle.clear()
+        try:
+            return await self.proxy.handle(request)  # type: ignore[arg-type]
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _drain(self, deadline: float) -> None:
+        """Close the proxy listener, then let requests in flight finish.
+
+        aiohttp's own shutdown stops reading from every connection at once,
+        which would stall an upload whose body is still arriving until the
+        grace period runs out: so wait for those first, and hand aiohttp
+        only what is left at the deadline.
+        """
+        runner = self._runners[0]
+        for site in list(runner.sites):
+            await site.stop()
+        try:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(self._idle.wait(), remaining)
+        except TimeoutError:
+            log.warning("server.grace_expired", requests=self._busy)
+        if self._handler is not None:
+            # Now close every connection (idle keep-alives end at once). aiohttp
+            # reads a timeout of 0 as "none": past the deadline, give it a
+            # token one so what is left is cancelled instead of awaited.
+            self._handler.pre_shutdown()
+            await self._handler.shutdown(max(0.01, deadline - time.monotonic()))
 
     # --- runtime controls (the admin API calls these) --------------------------
 
@@ -166,11 +212,12 @@ class Server:
             else:
                 try:
                     new = load_config(self.config_path)
+                    contexts = tls.backend_contexts(new.backends, self.config_path)
                 except ConfigError as exc:
                     problems = exc.problems
                 else:
                     problems = []
-                    self._apply(new)
+                    self._apply(new, contexts)
             if problems:
                 self.metrics.reloads.labels("failed").inc()
                 log.error(
@@ -180,7 +227,11 @@ class Server:
                 self.metrics.reloads.labels("ok").inc()
             return problems
 
-    def _apply(self, new: LBConfig) -> None:
+    def _set_backend_tls(self, contexts: dict[str, tls.BackendSSL]) -> None:
+        for backend in self.pool.backends:
+            backend.tls = contexts.get(backend.name, True)
+
+    def _apply(self, new: LBConfig, contexts: dict[str, tls.BackendSSL]) -> None:
         old = self.cfg
         # Listeners stay open across a reload: their addresses and the log
         # set-up need a restart to change.
@@ -189,6 +240,13 @@ class Server:
             for key, before, after in (
                 ("listen", old.listen, new.listen),
                 ("workers", old.workers, new.workers),
+                ("limits", old.limits, new.limits),
+                ("timeouts.idle", old.timeouts.idle, new.timeouts.idle),
+                (
+                    "timeouts.request_header",
+                    old.timeouts.request_header,
+                    new.timeouts.request_header,
+                ),
                 ("admin", old.admin, new.admin),
                 ("log.level", old.log.level, new.log.level),
                 ("log.format", old.log.format, new.log.format),
@@ -198,6 +256,7 @@ class Server:
         added, removed = self.pool.reconfigure(
             new.backends, new.health, new.mode, new.failback
         )
+        self._set_backend_tls(contexts)
         for backend in removed:
             self.metrics.forget_backend(backend.name, idle=backend.in_flight == 0)
         for backend in added:
@@ -262,6 +321,8 @@ class Server:
         transports = [
             c.transport for c in (self._handler.connections if self._handler else [])
         ]
+        if self._runners:
+            await self._drain(deadline)
         for runner in self._runners:
             await runner.cleanup()
         await _flushed([t for t in transports if t is not None], deadline)
@@ -330,8 +391,55 @@ def _buffered(transport: asyncio.WriteTransport) -> bool:
         return False
 
 
+def _listener(cfg: LBConfig, handler: Any, metrics: Metrics) -> Listener:
+    """The proxy listener's HTTP server, with the timeouts and limits of cfg."""
+    limits = cfg.limits
+
+    def on_limit(reason: str) -> None:
+        metrics.client_limits.labels(reason).inc()
+
+    return Listener(
+        handler,
+        header_timeout=cfg.timeouts.request_header,
+        max_connections=limits.max_connections,
+        on_limit=on_limit,
+        auto_decompress=False,
+        access_log=None,
+        keepalive_timeout=cfg.timeouts.idle,
+        max_line_size=limits.max_header_size,
+        max_field_size=limits.max_header_size,
+        max_headers=limits.max_headers,
+    )
+
+
+def _raise_fd_limit(cfg: LBConfig) -> None:
+    """Lift the open-files limit to its ceiling; warn when it stays too low.
+
+    Every client connection may hold a backend connection too, so
+    max_connections needs about twice as many descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("server.nofile", soft=soft, hard=hard, error=str(exc))
+        else:
+            log.info("server.nofile", previous=soft, soft=hard)
+            soft = hard
+    wanted = 2 * cfg.limits.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "server.fd_limit_low",
+            open_files=soft,
+            wanted=wanted,
+            max_connections=cfg.limits.max_connections,
+        )
+
+
 def run(cfg: LBConfig, config_path: str | None = None) -> int:
     configure_logging(cfg.log.level, cfg.log.format)
+    _raise_fd_limit(cfg)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

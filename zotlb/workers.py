@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from . import tls
 from .config import LBConfig
 from .logs import get as get_logger
 from .server import Server
@@ -63,8 +64,8 @@ class _Worker(Server):
         self._index = index
         self._ready_fd = ready_fd
 
-    def _apply(self, new: LBConfig) -> None:
-        super()._apply(for_worker(new, self._index))
+    def _apply(self, new: LBConfig, contexts: dict[str, tls.BackendSSL]) -> None:
+        super()._apply(for_worker(new, self._index), contexts)
 
     async def start(self) -> None:
         await super().start()
@@ -170,6 +171,8 @@ def run_workers(
 ) -> int:
     """Fork the workers, wait until each listens, then serve as worker 0."""
     count = cfg.worker_count
+    # Bad certificates stop the start here, once, with the config exit code.
+    tls.build(cfg, config_path or "<config>")
     ready_r, ready_w = os.pipe()
     children = []
     for index in range(1, count):
