@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ocilayout import Image, build_image, layout_digest  # noqa: E402
+from ocilayout import Image, build_image, layout_digest
 
 REGISTRY_BIN = shutil.which("docker-registry")
 SKOPEO = shutil.which("skopeo")
@@ -32,7 +31,8 @@ SHARED_SECRET = "zotlb-test-shared-secret"
 BLOB_INFO_CACHE = Path("/var/lib/containers/cache")
 
 needs_registry = pytest.mark.skipif(
-    REGISTRY_BIN is None, reason="docker-registry is not installed (apt-get install docker-registry)"
+    REGISTRY_BIN is None,
+    reason="docker-registry is not installed (apt-get install docker-registry)",
 )
 needs_skopeo = pytest.mark.skipif(SKOPEO is None, reason="skopeo is not installed")
 
@@ -53,8 +53,13 @@ def wait_until(predicate: Any, timeout: float, what: str, step: float = 0.02) ->
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def http(method: str, url: str, headers: dict[str, str] | None = None,
-         data: bytes | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+    timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -282,7 +287,9 @@ def zotlb_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Zotlb] = []
 
     def factory(backends: list[Registry], **overrides: Any) -> Zotlb:
-        lb = start_zotlb(tmp_path, lb_config(backends, **overrides), f"lb{len(started)}.yaml")
+        lb = start_zotlb(
+            tmp_path, lb_config(backends, **overrides), f"lb{len(started)}.yaml"
+        )
         started.append(lb)
         return lb
 
@@ -314,16 +321,24 @@ def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 def push(image: Image, dest: str) -> subprocess.CompletedProcess[str]:
     return skopeo(
-        "copy", "--preserve-digests", "--dest-tls-verify=false", "--retry-times=0",
-        image.ref, f"docker://{dest}",
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        "--retry-times=0",
+        image.ref,
+        f"docker://{dest}",
     )
 
 
 def pull(src: str, layout: Path, tag: str) -> str:
     """Pull src into an OCI layout and return the manifest digest it holds."""
     result = skopeo(
-        "copy", "--preserve-digests", "--src-tls-verify=false", "--retry-times=0",
-        f"docker://{src}", f"oci:{layout}:{tag}",
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--retry-times=0",
+        f"docker://{src}",
+        f"oci:{layout}:{tag}",
     )
     assert result.returncode == 0, result.stderr
     return layout_digest(layout, tag)

@@ -84,7 +84,9 @@ def main() -> None:
     app.router.add_get("/v2/stream/{n}", stream)
     app.router.add_get("/v2/break/{n}", broken)
     app.router.add_get("/v2/breakchunked", broken_chunked)
-    web.run_app(app, host="127.0.0.1", port=port, print=lambda *a: print("ready", flush=True))
+    web.run_app(
+        app, host="127.0.0.1", port=port, print=lambda *a: print("ready", flush=True)
+    )
 
 
 if __name__ == "__main__":

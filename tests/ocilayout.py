@@ -80,7 +80,11 @@ def build_image(
         {
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,
-            "config": {"mediaType": CONFIG_TYPE, "digest": put(config), "size": len(config)},
+            "config": {
+                "mediaType": CONFIG_TYPE,
+                "digest": put(config),
+                "size": len(config),
+            },
             "layers": layer_descs,
         },
         sort_keys=True,
@@ -120,5 +124,7 @@ def layout_digest(layout: Path, tag: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    built = build_image(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "latest")
+    built = build_image(
+        Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "latest"
+    )
     print(f"{built.ref} {built.manifest_digest}")

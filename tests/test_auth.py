@@ -1,5 +1,4 @@
 """Registries with htpasswd basic auth behind zotlb."""
-# ruff: noqa: F811
 
 from __future__ import annotations
 

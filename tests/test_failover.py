@@ -12,7 +12,9 @@ pytestmark = [needs_registry, needs_skopeo]
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 
 
-def test_kill_one_backend_during_reads_loses_none(registries, zotlb_factory, image_factory):
+def test_kill_one_backend_during_reads_loses_none(
+    registries, zotlb_factory, image_factory
+):
     a, b = registries
     img = image_factory("both")
     for reg in (a, b):
@@ -26,7 +28,10 @@ def test_kill_one_backend_during_reads_loses_none(registries, zotlb_factory, ima
             a.kill()
         manifest = http("GET", f"{lb.url}/v2/shared/app/manifests/both", ACCEPT)
         blob = http("GET", f"{lb.url}/v2/shared/app/blobs/{layer}")
-        if manifest[0] != 200 or manifest[1].get("Docker-Content-Digest") != img.manifest_digest:
+        if (
+            manifest[0] != 200
+            or manifest[1].get("Docker-Content-Digest") != img.manifest_digest
+        ):
             failures.append(("manifest", i, manifest[0]))
         if blob[0] != 200 or blob[2] != img.blobs[layer]:
             failures.append(("blob", i, blob[0]))
@@ -87,7 +92,10 @@ def test_active_passive_push_lands_on_primary_and_fails_over(
     second = image_factory("two")
     result = push(second, f"{lb.hostport}/ap/app:two")
     assert result.returncode == 0, result.stderr
-    assert pull(f"{lb.hostport}/ap/app:two", tmp_path / "p2", "two") == second.manifest_digest
+    assert (
+        pull(f"{lb.hostport}/ap/app:two", tmp_path / "p2", "two")
+        == second.manifest_digest
+    )
     elapsed = time.monotonic() - killed
     print(f"push and pull via the standby took {elapsed:.2f}s after kill -9")
     assert elapsed < 5
@@ -123,7 +131,9 @@ def test_active_passive_manual_failback_stays_on_standby(registries, zotlb_facto
     assert next(x for x in lb.status()["backends"] if x["name"] == "b")["active"]
 
 
-def test_read_miss_on_active_is_tried_on_standby(registries, zotlb_factory, image_factory, tmp_path):
+def test_read_miss_on_active_is_tried_on_standby(
+    registries, zotlb_factory, image_factory, tmp_path
+):
     a, b = registries
     img = image_factory("standby-only")
     assert push(img, f"{b.hostport}/sb/app:standby-only").returncode == 0
@@ -143,15 +153,22 @@ def _upload_through(lb_first, lb_second, repo: str) -> tuple[int, str]:
     assert status == 202
     loc = urlsplit(headers["Location"])
     status, headers, _ = http(
-        "PATCH", f"{lb_second.url}{loc.path}?{loc.query}", {"Content-Type": "application/octet-stream"}, data
+        "PATCH",
+        f"{lb_second.url}{loc.path}?{loc.query}",
+        {"Content-Type": "application/octet-stream"},
+        data,
     )
     assert status == 202, status
     loc = urlsplit(headers["Location"])
-    status, headers, _ = http("PUT", f"{lb_second.url}{loc.path}?{loc.query}&digest={digest}")
+    status, headers, _ = http(
+        "PUT", f"{lb_second.url}{loc.path}?{loc.query}&digest={digest}"
+    )
     return status, digest
 
 
-def test_upload_session_continues_on_another_replica_and_after_restart(registries, zotlb_factory):
+def test_upload_session_continues_on_another_replica_and_after_restart(
+    registries, zotlb_factory
+):
     a, b = registries
     first, second = zotlb_factory([a, b]), zotlb_factory([a, b])
     for i in range(4):
@@ -164,7 +181,9 @@ def test_upload_session_continues_on_another_replica_and_after_restart(registrie
     assert status == 201
 
 
-def test_home_moves_when_down_and_back_when_it_returns(registries, zotlb_factory, image_factory):
+def test_home_moves_when_down_and_back_when_it_returns(
+    registries, zotlb_factory, image_factory
+):
     a, b = registries
     lb = zotlb_factory([a, b])
     repo = "moving/app"

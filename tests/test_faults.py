@@ -730,3 +730,30 @@ def test_1000_concurrent_connections_all_served(registries, tmp_path):
         assert lb.proc.poll() is None
     finally:
         lb.stop()
+
+
+def test_first_request_of_a_session_whose_backend_died_is_upload_unknown(
+    registries, zotlb_factory
+):
+    a, b = registries
+    by_name = {"a": a, "b": b}
+    repo = "orphan/app"
+    home = by_name[rendezvous_order(["a", "b"], repo)[0]]
+    # Probes far apart: only live traffic can find out that home is gone.
+    lb = zotlb_factory(
+        [a, b], replication={"mode": "off"}, health={"interval": "60s", "rise": 1}
+    )
+    status, headers, _ = http("POST", f"{lb.url}/v2/{repo}/blobs/uploads/")
+    assert status == 202
+    target = urlsplit(headers["Location"])
+    home.kill()
+    assert lb.backend_state(home.name) == "up"
+
+    status, headers, body = http(
+        "PATCH", f"{lb.url}{target.path}?{target.query}", data=b"more"
+    )
+    print(f"\nfirst PATCH after kill -9 of {home.name}: {status} {body[:80]!r}")
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert headers.get("Docker-Distribution-API-Version") == "registry/2.0"
+    assert lb.backend_state(home.name) == "down"

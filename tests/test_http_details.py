@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import conftest
+import pytest
 from conftest import free_port, lb_config, needs_registry, start_zotlb, wait_until
 
 
@@ -84,7 +84,10 @@ def test_response_headers_rewritten_and_hop_by_hop_dropped(echo_lb):
     status, headers, _ = conftest.http("GET", echo_lb.url + "/v2/echo")
     assert status == 200
     assert headers["Location"] == f"{echo_lb.url}/v2/somewhere?x=1"
-    assert headers["WWW-Authenticate"] == f'Bearer realm="{echo_lb.url}/token",service="reg"'
+    assert (
+        headers["WWW-Authenticate"]
+        == f'Bearer realm="{echo_lb.url}/token",service="reg"'
+    )
     assert headers["X-Kept"] == "yes"
     assert "X-Private" not in headers and "Keep-Alive" not in headers
 
@@ -117,7 +120,9 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
 MALFORMED = {
     "cl_and_te": b"POST /v2/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "huge_header": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    "huge_header": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: "
+    + b"a" * 100_000
+    + b"\r\n\r\n",
     "bad_method": b"G@T /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",
     "traversal": b"GET /v2/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     "encoded_traversal": b"GET /v2/a/%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n"
@@ -176,7 +181,9 @@ def test_sigterm_lets_in_flight_finish_and_exits_zero(echo, tmp_path):
     header_len = 200  # the status line and headers
     assert received["bytes"] > 64 * 1024 * 1024
     assert received["bytes"] < 64 * 1024 * 1024 + header_len * 2
-    assert [e["event"] for e in lb.events() if e["event"].startswith("server.")][-2:] == [
+    assert [e["event"] for e in lb.events() if e["event"].startswith("server.")][
+        -2:
+    ] == [
         "server.stopping",
         "server.stopped",
     ]
@@ -213,6 +220,15 @@ def test_metrics_status_and_access_log(registries, zotlb_factory):
         assert name in metrics, name
     wait_until(lambda: len(lb.events("request")) >= 5, 5, "access events")
     event = lb.events("request")[-1]
-    for key in ("method", "path", "status", "bytes_in", "bytes_out", "duration_ms", "backend", "retries"):
+    for key in (
+        "method",
+        "path",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "backend",
+        "retries",
+    ):
         assert key in event
     assert event["status"] == 404 and event["route"] == "manifest"

@@ -36,8 +36,13 @@ def test_256_mib_blob_push_and_pull_with_flat_memory(registries, zotlb_factory):
 
     # First half as a chunked PATCH without Content-Length (as docker sends it).
     target = f"{location.path}?{location.query}"
-    conn.request("PATCH", target, body=chunks(128), encode_chunked=True,
-                 headers={"Content-Type": "application/octet-stream"})
+    conn.request(
+        "PATCH",
+        target,
+        body=chunks(128),
+        encode_chunked=True,
+        headers={"Content-Type": "application/octet-stream"},
+    )
     resp = conn.getresponse()
     resp.read()
     assert resp.status == 202, resp.status
@@ -46,9 +51,15 @@ def test_256_mib_blob_push_and_pull_with_flat_memory(registries, zotlb_factory):
 
     # Second half with the closing PUT, with Content-Length.
     target = f"{location.path}?{location.query}&digest={digest}"
-    conn.request("PUT", target, body=chunks(128),
-                 headers={"Content-Length": str(128 * MIB),
-                          "Content-Type": "application/octet-stream"})
+    conn.request(
+        "PUT",
+        target,
+        body=chunks(128),
+        headers={
+            "Content-Length": str(128 * MIB),
+            "Content-Type": "application/octet-stream",
+        },
+    )
     resp = conn.getresponse()
     resp.read()
     assert resp.status == 201, resp.status

@@ -244,6 +244,17 @@ def test_header_size_limit(make_lb):
     assert status == 431
     assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
     assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    # An oversized credential is refused without being repeated anywhere.
+    secret = b"SECRETTOKEN" + b"s" * 5000
+    status, _, body = raw_request(
+        lb.port,
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + secret
+        + b"\r\n\r\n",
+    )
+    assert status == 431 and b"SECRETTOKEN" not in body
+    wait_until(lambda: len(lb.events("request.malformed")) >= 2, 5, "malformed lines")
+    assert "SECRETTOKEN" not in "".join(lb.lines)
     # A request line that long is refused as well.
     assert (
         raw_request(lb.port, b"GET /v2/" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")[0] == 431

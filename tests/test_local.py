@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import free_port, http, needs_registry, needs_skopeo, pull, push, wait_until
+from conftest import (
+    free_port,
+    http,
+    needs_registry,
+    needs_skopeo,
+    pull,
+    push,
+    wait_until,
+)
 
 from zotlb.local import default_config_text
 
@@ -31,7 +39,16 @@ def test_local_starts_registries_and_serves(tmp_path, image_factory):
     path = tmp_path / "lb.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zotlb", "local", "-c", str(path), "--state-dir", str(tmp_path / "state")],
+        [
+            sys.executable,
+            "-m",
+            "zotlb",
+            "local",
+            "-c",
+            str(path),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -74,6 +91,12 @@ def test_local_zot_config_is_valid_and_local(tmp_path):
     written = json.loads(_zot_config(cfg, "b", 6123, tmp_path).read_text())
     assert written["http"]["port"] == "6123"
     assert written["storage"]["rootDirectory"] == str(tmp_path / "data")
-    assert written["extensions"]["sync"]["registries"][0]["urls"] == ["http://127.0.0.1:5001"]
-    errors = [f for f in zotkeys.check_config(written, cfg.zot.version) if f.severity == "error"]
+    assert written["extensions"]["sync"]["registries"][0]["urls"] == [
+        "http://127.0.0.1:5001"
+    ]
+    errors = [
+        f
+        for f in zotkeys.check_config(written, cfg.zot.version)
+        if f.severity == "error"
+    ]
     assert errors == []

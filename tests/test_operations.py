@@ -386,3 +386,62 @@ def test_a_skopeo_push_can_be_followed_by_upload_session(
         f"push of {len(image.blobs)} objects: {len(events)} access events, "
         f"{len(sessions)} upload sessions, all on {writes[0]['backend']}"
     )
+
+
+def test_admin_controls_refuse_cross_site_requests(registries, zotlb_factory):
+    a, b = registries
+    lb = zotlb_factory([a, b])
+    host = lb.admin.removeprefix("http://")
+    forged = [
+        # A form on another site, posted by the operator's browser.
+        {
+            "Origin": "http://evil.example",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+        {"Sec-Fetch-Site": "cross-site"},
+        # DNS rebinding: the page's own name resolving to 127.0.0.1.
+        {
+            "Host": "evil.example:" + host.rpartition(":")[2],
+            "Origin": "http://evil.example:" + host.rpartition(":")[2],
+        },
+    ]
+    for headers in forged:
+        status, _, body = http(
+            "POST", lb.admin + "/backends/a/drain", headers, data=b"x=1"
+        )
+        assert status == 403, (headers, status, body)
+        assert http("POST", lb.admin + "/reload", headers)[0] == 403
+    assert not next(x for x in lb.status()["backends"] if x["name"] == "a")["drained"]
+    assert lb.events("admin.cross_site_refused")
+
+    # The page's own origin, and the CLI (no Origin at all), still work.
+    same = http("POST", lb.admin + "/backends/a/drain", {"Origin": lb.admin})
+    assert same[0] == 200
+    assert zotlb_cli("enable", "a", "--admin", lb.admin).returncode == 0
+    assert not next(x for x in lb.status()["backends"] if x["name"] == "a")["drained"]
+
+
+def test_reload_reports_what_needs_a_restart_against_the_running_listener(
+    registries, zotlb_factory
+):
+    a, b = registries
+    lb = zotlb_factory([a, b])
+    cfg = yaml.safe_load(lb.config_path.read_text())
+    running = cfg["listen"]
+    cfg["listen"] = "127.0.0.1:1"  # not applied: the listener stays put
+    lb.config_path.write_text(yaml.safe_dump(cfg))
+    for _ in range(2):
+        # Asked twice, the answer stays the same: zotlb still listens on `running`.
+        done = zotlb_cli("reload", "--admin", lb.admin)
+        assert done.returncode == 0, done.stderr
+        assert "takes effect after a restart: listen" in done.stdout
+    assert [e["needs_restart"] for e in lb.events("config.reloaded")] == [
+        ["listen"]
+    ] * 2
+
+    cfg["listen"] = running
+    lb.config_path.write_text(yaml.safe_dump(cfg))
+    back = zotlb_cli("reload", "--admin", lb.admin)
+    assert back.returncode == 0 and "restart" not in back.stdout
+    assert lb.events("config.reloaded")[-1]["needs_restart"] == []
+    assert http("GET", lb.url + "/v2/")[0] == 200

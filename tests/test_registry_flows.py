@@ -14,7 +14,9 @@ from conftest import http, needs_registry, needs_skopeo, pull, push, skopeo
 pytestmark = [needs_registry, needs_skopeo]
 
 
-def test_five_images_to_five_repos_round_trip(registries, zotlb_factory, image_factory, tmp_path):
+def test_five_images_to_five_repos_round_trip(
+    registries, zotlb_factory, image_factory, tmp_path
+):
     a, b = registries
     # Replication off: this test checks where the proxy itself writes.
     lb = zotlb_factory([a, b], replication={"mode": "off"})
@@ -34,7 +36,9 @@ def test_five_images_to_five_repos_round_trip(registries, zotlb_factory, image_f
     assert homes == {"a", "b"}
 
 
-def test_image_seeded_into_one_backend_is_always_found(registries, zotlb_factory, image_factory, tmp_path):
+def test_image_seeded_into_one_backend_is_always_found(
+    registries, zotlb_factory, image_factory, tmp_path
+):
     a, b = registries
     img = image_factory("only-b")
     for repo in ("seeded/one", "seeded/two"):
@@ -48,7 +52,9 @@ def test_image_seeded_into_one_backend_is_always_found(registries, zotlb_factory
     assert not a.has_manifest("seeded/one", img.tag)
 
 
-def test_overwritten_tag_always_reads_newest(registries, zotlb_factory, image_factory, tmp_path):
+def test_overwritten_tag_always_reads_newest(
+    registries, zotlb_factory, image_factory, tmp_path
+):
     a, b = registries
     lb = zotlb_factory([a, b])
     ref = f"{lb.hostport}/rolling/app:stable"
@@ -74,11 +80,18 @@ def test_sixteen_concurrent_pushes(registries, zotlb_factory, image_factory, tmp
         for tag in ("one", "two"):
             jobs.append((f"parallel/repo{r}", image_factory(tag)))
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda job: push(job[1], f"{lb.hostport}/{job[0]}:{job[1].tag}"), jobs))
+        results = list(
+            pool.map(
+                lambda job: push(job[1], f"{lb.hostport}/{job[0]}:{job[1].tag}"), jobs
+            )
+        )
     failures = [r.stderr for r in results if r.returncode != 0]
     assert not failures, failures[:2]
     for i, (repo, img) in enumerate(jobs):
-        assert pull(f"{lb.hostport}/{repo}:{img.tag}", tmp_path / f"p{i}", img.tag) == img.manifest_digest
+        assert (
+            pull(f"{lb.hostport}/{repo}:{img.tag}", tmp_path / f"p{i}", img.tag)
+            == img.manifest_digest
+        )
 
 
 def test_head_and_range_match_direct(registries, zotlb_factory, image_factory):
@@ -88,10 +101,12 @@ def test_head_and_range_match_direct(registries, zotlb_factory, image_factory):
     for reg in (a, b):
         assert push(img, f"{reg.hostport}/ranged/app:ranged").returncode == 0
     lb = zotlb_factory([a, b])
-    layer = max(img.blobs, key=lambda d: len(img.blobs[d]) if d != img.manifest_digest else -1)
+    layer = max(
+        img.blobs, key=lambda d: len(img.blobs[d]) if d != img.manifest_digest else -1
+    )
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
     for path, headers in (
-        (f"/v2/ranged/app/manifests/ranged", accept),
+        ("/v2/ranged/app/manifests/ranged", accept),
         (f"/v2/ranged/app/blobs/{layer}", {}),
     ):
         direct = http("HEAD", a.url + path, headers)
@@ -130,21 +145,35 @@ def test_podman_push_and_pull(registries, zotlb_factory, image_factory, request)
     short = Path(tempfile.mkdtemp(prefix="zlbpod", dir="/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
     root, runroot = short / "root", short / "run"
-    base = ["podman", "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    base = [
+        "podman",
+        "--root",
+        str(root),
+        "--runroot",
+        str(runroot),
+        "--storage-driver",
+        "vfs",
+    ]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [*base, *args], capture_output=True, text=True, timeout=120
+        )
 
     pulled = run("pull", "-q", img.ref)
     if pulled.returncode != 0:
         pytest.skip(f"podman cannot load images here: {pulled.stderr.strip()[:200]}")
     image_id = pulled.stdout.strip()
-    pushed = run("push", "--tls-verify=false", image_id, f"{lb.hostport}/podman/app:pod")
+    pushed = run(
+        "push", "--tls-verify=false", image_id, f"{lb.hostport}/podman/app:pod"
+    )
     assert pushed.returncode == 0, pushed.stderr
     run("rmi", "-a", "-f")
     back = run("pull", "--tls-verify=false", f"{lb.hostport}/podman/app:pod")
     assert back.returncode == 0, back.stderr
-    inspect = skopeo("inspect", "--tls-verify=false", f"docker://{lb.hostport}/podman/app:pod")
+    inspect = skopeo(
+        "inspect", "--tls-verify=false", f"docker://{lb.hostport}/podman/app:pod"
+    )
     assert inspect.returncode == 0, inspect.stderr
 
 

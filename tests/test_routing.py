@@ -15,7 +15,10 @@ def make_pool(n: int = 2, mode: str = "active-active", failback: str = "auto") -
         {
             "mode": mode,
             "failback": failback,
-            "backends": [{"name": f"b{i}", "url": f"http://127.0.0.1:{6000 + i}"} for i in range(n)],
+            "backends": [
+                {"name": f"b{i}", "url": f"http://127.0.0.1:{6000 + i}"}
+                for i in range(n)
+            ],
         }
     )
     return Pool(cfg.backends, cfg.health, cfg.mode, cfg.failback)
@@ -43,13 +46,21 @@ def test_parse(target, kind, name, ref) -> None:
 
 
 def test_session_mark_is_stripped_and_query_kept_byte_for_byte() -> None:
-    route = parse("PATCH", "/v2/x/blobs/uploads/u?_state=a%3D%3D&_zlb=b1&digest=sha256%3Ax")
+    route = parse(
+        "PATCH", "/v2/x/blobs/uploads/u?_state=a%3D%3D&_zlb=b1&digest=sha256%3Ax"
+    )
     assert route.session_backend == "b1"
     assert route.target == "/v2/x/blobs/uploads/u?_state=a%3D%3D&digest=sha256%3Ax"
 
 
 @pytest.mark.parametrize(
-    "target", ["/v2/../../etc/passwd", "/v2/x/%2e%2e/y/manifests/a", "/v2/a%2fb/tags/list", "/v2/./x"]
+    "target",
+    [
+        "/v2/../../etc/passwd",
+        "/v2/x/%2e%2e/y/manifests/a",
+        "/v2/a%2fb/tags/list",
+        "/v2/./x",
+    ],
 )
 def test_traversal_is_rejected(target) -> None:
     with pytest.raises(BadRequest):
@@ -101,7 +112,10 @@ def test_tag_reads_go_home_first_with_fallback_digest_reads_spread() -> None:
     pool = make_pool(2)
     p = plan(parse("GET", "/v2/app/manifests/latest"), pool)
     assert p.backends[0] is pool.home_order("app")[0] and p.fallback_on_404
-    firsts = {plan(parse("GET", "/v2/app/blobs/sha256:ab"), pool).backends[0].name for _ in range(4)}
+    firsts = {
+        plan(parse("GET", "/v2/app/blobs/sha256:ab"), pool).backends[0].name
+        for _ in range(4)
+    }
     assert firsts == {"b0", "b1"}
 
 

@@ -110,7 +110,7 @@ async def test_relay_gives_up_after_the_idle_timeout():
 # --- through zotlb ---------------------------------------------------------------------
 
 
-def test_big_body_is_exact_and_the_connection_stays_usable(echo_lb):  # noqa: F811
+def test_big_body_is_exact_and_the_connection_stays_usable(echo_lb):
     conn = http.client.HTTPConnection("127.0.0.1", echo_lb.port, timeout=20)
     for _ in range(2):
         conn.request("GET", "/v2/stream/8")
@@ -130,7 +130,7 @@ def test_big_body_is_exact_and_the_connection_stays_usable(echo_lb):  # noqa: F8
     assert sizes == [8 * MIB, 8 * MIB]
 
 
-def test_backend_break_mid_splice_breaks_the_client_connection(echo_lb):  # noqa: F811
+def test_backend_break_mid_splice_breaks_the_client_connection(echo_lb):
     conn = http.client.HTTPConnection("127.0.0.1", echo_lb.port, timeout=20)
     conn.request("GET", "/v2/break/8")
     resp = conn.getresponse()
@@ -146,11 +146,13 @@ def test_backend_break_mid_splice_breaks_the_client_connection(echo_lb):  # noqa
 # --- never under TLS: plaintext must not reach a TLS socket -----------------------
 
 
-def test_tls_client_gets_the_big_body_encrypted(echo, tmp_path, ca):  # noqa: F811
+def test_tls_client_gets_the_big_body_encrypted(echo, tmp_path, ca):
     lb = start_zotlb(tmp_path, lb_config([echo], listen=tls_listen(ca.issue("zotlb"))))
     try:
         ctx = ssl.create_default_context(cafile=str(ca.pem))
-        conn = http.client.HTTPSConnection("127.0.0.1", lb.port, context=ctx, timeout=20)
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", lb.port, context=ctx, timeout=20
+        )
         for _ in range(2):
             conn.request("GET", "/v2/stream/8")
             resp = conn.getresponse()
@@ -162,7 +164,7 @@ def test_tls_client_gets_the_big_body_encrypted(echo, tmp_path, ca):  # noqa: F8
 
 
 @needs_registry
-def test_https_backend_big_blob_is_exact(tls_registry, tmp_path, ca):  # noqa: F811
+def test_https_backend_big_blob_is_exact(tls_registry, tmp_path, ca):
     cfg = lb_config([tls_registry], replication={"mode": "off"})
     cfg["backends"][0]["tls"] = {"ca_file": str(ca.pem)}
     lb = start_zotlb(tmp_path, cfg)

@@ -1,5 +1,4 @@
 """TLS toward clients (listen.tls) and toward https backends (backends[].tls)."""
-# ruff: noqa: F811
 
 from __future__ import annotations
 

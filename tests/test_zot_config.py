@@ -606,3 +606,15 @@ def test_generated_configs_have_the_shape_of_zot_examples(shared: Path) -> None:
         ).values(),
     ]:
         assert set(entry) == {"username", "password"}
+
+
+def test_unwritable_output_is_a_message_not_a_traceback(tmp_path: Path, capsys) -> None:
+    lb_yaml = tmp_path / "lb.yaml"
+    lb_yaml.write_text(json.dumps(lb()))
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        code = main(["zot-config", "-c", str(lb_yaml), "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert err.startswith("zotlb zot-config: cannot write ") and str(a_file) in err

@@ -4,14 +4,16 @@ at /, and the runtime controls (drain, enable, reload)."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Protocol
-from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from . import __version__
 from .backends import Backend, Pool
@@ -111,8 +113,9 @@ def create_admin_app(
         if controls is None:
             return web.json_response({"error": "reload is not available"}, status=501)
         problems = await controls.reload()
+        pending = list(getattr(controls, "needs_restart", []))
         return web.json_response(
-            {"reloaded": not problems, "problems": problems},
+            {"reloaded": not problems, "problems": problems, "needs_restart": pending},
             status=422 if problems else 200,
         )
 
@@ -121,7 +124,13 @@ def create_admin_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     cfg = admin_cfg or AdminConfig()
-    app = web.Application(middlewares=[_auth(cfg.resolved_token(), cfg.open_read)])
+    token = cfg.resolved_token()
+    app = web.Application(
+        middlewares=[
+            _same_origin(needs_ip_host=token is None),
+            _auth(token, cfg.open_read),
+        ]
+    )
     app.router.add_get("/", page)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", prometheus)
@@ -132,6 +141,55 @@ def create_admin_app(
 
 
 _READ_ONLY = frozenset({"GET", "HEAD"})
+_SAME_SITE = frozenset({"same-origin", "none"})
+
+
+def _is_ip_or_localhost(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _same_origin(needs_ip_host: bool) -> Middleware:
+    """Refuse controls that a web page in the operator's browser could send.
+
+    A page on another site may POST to a loopback admin listener (cross-site
+    request forgery), or reach it under its own name by DNS rebinding. Browsers
+    name the page's origin in `Origin` and `Sec-Fetch-Site`; the CLI and
+    scripts send neither. Without a token, the Host must also be an address.
+    """
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in _READ_ONLY:
+            return await handler(request)
+        origin = request.headers.get("Origin")
+        site = request.headers.get("Sec-Fetch-Site")
+        host = request.host
+        refused = (
+            (origin is not None and URL(origin).raw_authority != host)
+            or (site is not None and site not in _SAME_SITE)
+            or (needs_ip_host and not _is_ip_or_localhost(request.url.raw_host or ""))
+        )
+        if refused:
+            log.warning(
+                "admin.cross_site_refused",
+                path=request.path,
+                origin=origin,
+                host=host,
+                client=request.remote,
+            )
+            return web.json_response(
+                {"error": "cross-site requests to the admin controls are refused"},
+                status=403,
+            )
+        return await handler(request)
+
+    return check
 
 
 def _auth(token: str | None, open_read: bool) -> Middleware:
@@ -143,9 +201,7 @@ def _auth(token: str | None, open_read: bool) -> Middleware:
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
-            log.warning(
-                "admin.unauthorized", path=request.path, client=request.remote
-            )
+            log.warning("admin.unauthorized", path=request.path, client=request.remote)
             return web.json_response(
                 {"error": "a bearer token is required"},
                 status=401,

@@ -148,9 +148,7 @@ class Pool:
             backend.ok_streak += 1
             backend.fail_streak = 0
             if backend.state is State.DOWN and backend.ok_streak >= self.health.rise:
-                self._set_state(
-                    backend, State.UP, f"{backend.ok_streak} probes passed"
-                )
+                self._set_state(backend, State.UP, f"{backend.ok_streak} probes passed")
         else:
             backend.fail_streak += 1
             backend.ok_streak = 0
@@ -163,7 +161,9 @@ class Pool:
 
     def set_drained(self, backend: Backend, drained: bool) -> None:
         backend.drained = drained
-        log.warning("backend.drained" if drained else "backend.enabled", backend=backend.name)
+        log.warning(
+            "backend.drained" if drained else "backend.enabled", backend=backend.name
+        )
         if self.mode == "active-passive":
             self._elect_active()
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .config import ConfigError, load_config
 from .ctl import register as _register_ctl
-from .local import register as _register_local
 from .drift import register as _register_drift
+from .local import register as _register_local
 from .zotcfg import register as _register_zot_config
 
 EXIT_OK = 0
@@ -37,7 +37,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", default="lb.yaml", help="path to lb.yaml (default: %(default)s)"
+        "-c",
+        "--config",
+        default="lb.yaml",
+        help="path to lb.yaml (default: %(default)s)",
     )
 
 

@@ -74,7 +74,9 @@ def _positive(value: float) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_duration), AfterValidator(_positive)
+]
 
 
 def parse_hostport(value: Any) -> tuple[str, int]:
@@ -309,29 +311,17 @@ class LBConfig(_Section):
     workers: Annotated[int, BeforeValidator(_workers_from_yaml)] = Field(1, ge=0, le=64)
     # What to do with paths outside /v2/: answer 404, or pass them on.
     non_v2: Literal["reject", "pass"] = "reject"
-    admin: AdminConfig = AdminConfig()
+    # `admin: null` turns the admin listener off, as `admin: {listen: null}`.
+    admin: Annotated[
+        AdminConfig, BeforeValidator(lambda v: {"listen": None} if v is None else v)
+    ] = AdminConfig()
     log: LogConfig = LogConfig()
     zot: ZotSection = Field(default_factory=lambda: ZotSection())
     replication: ReplicationConfig = Field(default_factory=lambda: ReplicationConfig())
 
     @model_validator(mode="after")
     def _check_backends(self) -> LBConfig:
-        seen_names: dict[str, int] = {}
-        seen_urls: dict[str, int] = {}
-        problems = []
-        for i, backend in enumerate(self.backends):
-            if backend.name in seen_names:
-                problems.append(
-                    f"backends[{i}].name: duplicate name {backend.name!r} "
-                    f"(also backends[{seen_names[backend.name]}])"
-                )
-            seen_names.setdefault(backend.name, i)
-            if backend.url in seen_urls:
-                problems.append(
-                    f"backends[{i}].url: {backend.url} is already "
-                    f"backends[{seen_urls[backend.url]}]"
-                )
-            seen_urls.setdefault(backend.url, i)
+        problems = duplicate_backends([(b.name, b.url) for b in self.backends])
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -359,6 +349,7 @@ class LBConfig(_Section):
 
 _PLAIN_KEY = re.compile(r"[\w.-]+")
 
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -379,6 +370,10 @@ def _describe(error: Any) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "model_type":
+        if tuple(error["loc"]) == ("listen",):
+            return "expected 'host:port' or a mapping with address (and tls)"
+        return "expected a mapping of keys"
     if kind == "value_error" and msg.startswith("Value error, "):
         return msg[len("Value error, ") :]
     return msg
@@ -397,13 +392,57 @@ def problems_from(exc: ValidationError) -> list[str]:
     return problems
 
 
+def duplicate_backends(pairs: list[tuple[object, object]]) -> list[str]:
+    """Backends that repeat an earlier one's name or URL, by key path."""
+    seen_names: dict[object, int] = {}
+    seen_urls: dict[object, int] = {}
+    problems = []
+    for i, (name, url) in enumerate(pairs):
+        if name is not None and name in seen_names:
+            problems.append(
+                f"backends[{i}].name: duplicate name {name!r} "
+                f"(also backends[{seen_names[name]}])"
+            )
+        seen_names.setdefault(name, i)
+        if url is not None and url in seen_urls:
+            problems.append(
+                f"backends[{i}].url: {url} is already backends[{seen_urls[url]}]"
+            )
+        seen_urls.setdefault(url, i)
+    return problems
+
+
+def _raw_duplicates(data: dict[str, Any]) -> list[str]:
+    """The duplicate check on the raw document, for when other keys failed.
+
+    Model-level checks only run once every field is valid; this one is cheap
+    to repeat, so a file with several mistakes gets all of them at once.
+    """
+    backends = data.get("backends")
+    if not isinstance(backends, list):
+        return []
+    pairs: list[tuple[object, object]] = []
+    for entry in backends:
+        entry = entry if isinstance(entry, dict) else {}
+        name, url = entry.get("name"), entry.get("url")
+        pairs.append(
+            (
+                name if isinstance(name, str) else None,
+                url.rstrip("/") if isinstance(url, str) else None,
+            )
+        )
+    return duplicate_backends(pairs)
+
+
 def config_from_mapping(data: Any, source: str = "<config>") -> LBConfig:
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping of keys"])
     try:
         return LBConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, problems_from(exc)) from None
+        problems = problems_from(exc)
+        problems += [p for p in _raw_duplicates(data) if p not in problems]
+        raise ConfigError(source, problems) from None
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -142,6 +142,9 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     code, body = _call(args, "POST", "/reload")
     if code == 200:
         print("configuration reloaded")
+        pending = body.get("needs_restart") or []
+        if pending:
+            print(f"  takes effect after a restart: {', '.join(pending)}")
         return 0
     print(
         "zotlb reload: the configuration was rejected; the old one stays in force",

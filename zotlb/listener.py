@@ -137,8 +137,11 @@ def _reason(exc: BaseException | None, message: str | None) -> str:
         text = str(exc.message)
     else:
         text = message or "bad request"
-    # The parser quotes the offending bytes; keep the answer short.
-    return text.splitlines()[0][:200]
+    # The parser quotes the offending bytes after a colon: they may hold a
+    # credential (an oversized Authorization header), so neither the answer
+    # nor the log line repeats them.
+    first = text.splitlines()[0] if text.strip() else "bad request"
+    return first.partition(":")[0].strip()[:200] or "bad request"
 
 
 class _Refusal(asyncio.Protocol):

@@ -97,9 +97,13 @@ def start_backends(cfg: LBConfig, state_dir: Path) -> list[subprocess.Popen[byte
             argv = [zot, "serve", str(_zot_config(cfg, backend.name, port, root))]
             kind = "zot"
         else:
-            argv = [str(registry), "serve", str(_registry_config(backend.name, port, root))]
+            argv = [
+                str(registry),
+                "serve",
+                str(_registry_config(backend.name, port, root)),
+            ]
             kind = "docker-registry"
-        log = open(root / "registry.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(root / "registry.log", "ab")
         procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
         log.close()
         _wait_ready(str(url), procs[-1])
@@ -113,7 +117,9 @@ def _cmd_local(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config)
     else:
-        cfg = config_from_mapping(yaml.safe_load(default_config_text()), "<embedded default>")
+        cfg = config_from_mapping(
+            yaml.safe_load(default_config_text()), "<embedded default>"
+        )
     state_dir = Path(args.state_dir).resolve()
     print(f"zotlb local: starting {len(cfg.backends)} registries under {state_dir}")
     try:

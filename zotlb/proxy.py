@@ -26,6 +26,7 @@ from .errors import (
     BackendTimeout,
     NoHealthyBackend,
     ProxyError,
+    UploadUnknown,
 )
 from .logs import get as get_logger
 from .metrics import Metrics
@@ -280,7 +281,9 @@ class Proxy:
     ) -> None:
         kind = route.kind.value if route else "invalid"
         status_class = f"{out.status // 100}xx" if out.status else "error"
-        self.metrics.requests.labels(out.backend, request.method, status_class, kind).inc()
+        self.metrics.requests.labels(
+            out.backend, request.method, status_class, kind
+        ).inc()
         self.metrics.duration.labels(request.method, kind).observe(elapsed)
         if self.stats is not None and out.backend != "none":
             self.stats.record(out.backend, out.status, out.bytes_in + out.bytes_out)
@@ -336,11 +339,20 @@ class Proxy:
                     break
                 out.retries += 1
             try:
-                upstream = await self._send(request, backend, route, headers, has_body, out)
+                upstream = await self._send(
+                    request, backend, route, headers, has_body, out
+                )
             except (aiohttp.ClientConnectorError, _ConnectTimeout) as exc:
                 # Nothing was sent: any request may go elsewhere.
                 error, reason = _connect_failure(backend, exc)
                 self.pool.mark_down(backend, f"connect failed: {reason}")
+                if route.is_session and route.session_backend is not None:
+                    # The session died with its backend: the client must start
+                    # the upload again (on the new home), as after a probe.
+                    error = UploadUnknown(
+                        f"the upload session lives on backend {backend.name!r}, "
+                        "which is not available; start the upload again"
+                    )
                 self._note_retry(backend, "connect", has_next, route)
                 continue
             except TimeoutError:
@@ -363,9 +375,15 @@ class Proxy:
                 # The client's request body broke off: nothing to retry.
                 raise _ClientGone(str(exc)) from None
 
-            if upstream.status in _RETRY_STATUSES and plan.retry_idempotent and has_next:
+            if (
+                upstream.status in _RETRY_STATUSES
+                and plan.retry_idempotent
+                and has_next
+            ):
                 upstream.release()
-                error = BackendBroken(f"backend {backend.name} answered {upstream.status}")
+                error = BackendBroken(
+                    f"backend {backend.name} answered {upstream.status}"
+                )
                 self._note_retry(backend, f"status_{upstream.status}", has_next, route)
                 continue
             if upstream.status == 404 and plan.fallback_on_404 and has_next:
@@ -379,7 +397,10 @@ class Proxy:
             if replicator is not None and replicator.wants(route, upstream.status):
                 # sync mode holds the answer here until a peer has the image.
                 await replicator.on_write(
-                    route, backend, upstream.headers, out.manifest,
+                    route,
+                    backend,
+                    upstream.headers,
+                    out.manifest,
                     request.headers.get("Content-Type"),
                 )
             return await self._respond(request, route, backend, upstream, out)
@@ -389,7 +410,9 @@ class Proxy:
             return self._respond_miss(request, first_miss, out)
         raise error or NoHealthyBackend("no healthy backend is available")
 
-    def _note_retry(self, backend: Backend, cause: str, has_next: bool, route: Route) -> None:
+    def _note_retry(
+        self, backend: Backend, cause: str, has_next: bool, route: Route
+    ) -> None:
         if self.stats is not None:
             self.stats.record_error(backend.name)
         if has_next:
@@ -449,7 +472,9 @@ class Proxy:
             )
         except aiohttp.ClientError:
             if watch.expired:
-                raise TimeoutError("the backend stopped taking the request body") from None
+                raise TimeoutError(
+                    "the backend stopped taking the request body"
+                ) from None
             raise
         finally:
             watch.stop()
@@ -475,7 +500,9 @@ class Proxy:
             watch.handed_over()
             yield chunk
 
-    async def _read_miss(self, backend: Backend, upstream: aiohttp.ClientResponse) -> _Miss:
+    async def _read_miss(
+        self, backend: Backend, upstream: aiohttp.ClientResponse
+    ) -> _Miss:
         try:
             body = await upstream.content.read(_MISS_BODY_LIMIT)
         finally:
@@ -512,9 +539,15 @@ class Proxy:
         return headers
 
     @staticmethod
-    def _rewrite_location(value: str, client_origin: str, origins: dict[str, Backend]) -> str:
+    def _rewrite_location(
+        value: str, client_origin: str, origins: dict[str, Backend]
+    ) -> str:
         for origin in origins:
-            if value.startswith(origin) and value[len(origin) : len(origin) + 1] in ("/", "?", ""):
+            if value.startswith(origin) and value[len(origin) : len(origin) + 1] in (
+                "/",
+                "?",
+                "",
+            ):
                 return client_origin + value[len(origin) :]
         return value
 
@@ -532,7 +565,9 @@ class Proxy:
         self._note_home(route, backend, upstream.status)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(
-            self._response_headers(request, route, backend, upstream.status, upstream.headers)
+            self._response_headers(
+                request, route, backend, upstream.status, upstream.headers
+            )
         )
         response.headers.setdefault("X-Request-ID", out.request_id)
         if route.is_upload_open and upstream.status == 202:
@@ -572,7 +607,11 @@ class Proxy:
         while True:
             try:
                 chunk = await content.readany()
-            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            except (
+                aiohttp.ClientError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+            ) as exc:
                 # Headers are gone already: the only honest signal left is a
                 # broken connection, never a response that looks complete.
                 upstream.close()
@@ -657,14 +696,18 @@ class Proxy:
                 client.set_write_buffer_limits()
         return True
 
-    def _respond_miss(self, request: web.Request, miss: _Miss, out: _Outcome) -> web.Response:
+    def _respond_miss(
+        self, request: web.Request, miss: _Miss, out: _Outcome
+    ) -> web.Response:
         out.status = miss.status
         out.backend = miss.backend.name
         headers = CIMultiDict(
             (k, v) for k, v in miss.headers.items() if k.lower() not in HOP_BY_HOP
         )
         headers.pop("Content-Length", None)
-        return web.Response(status=miss.status, reason=miss.reason, body=miss.body, headers=headers)
+        return web.Response(
+            status=miss.status, reason=miss.reason, body=miss.body, headers=headers
+        )
 
     def _note_home(self, route: Route, backend: Backend, status: int) -> None:
         # Writes that open work on a repository show where its home is now;
@@ -706,7 +749,11 @@ class Proxy:
         if route.kind is not Kind.UPLOAD:
             return
         if route.is_upload_open:
-            event = "opened" if status == 202 else ("completed" if status == 201 else "failed")
+            event = (
+                "opened"
+                if status == 202
+                else ("completed" if status == 201 else "failed")
+            )
             if event == "completed":
                 # A monolithic POST or a mount opens and closes in one request.
                 self.metrics.uploads.labels(backend.name, "opened").inc()

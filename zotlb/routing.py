@@ -161,12 +161,16 @@ def plan(route: Route, pool: Pool) -> Plan:
     if pool.mode == "active-passive":
         order = pool.passive_order()
         if route.is_read and route.kind is not Kind.UPLOAD:
-            return Plan(order, fallback_on_404=route.name is not None, retry_idempotent=True)
+            return Plan(
+                order, fallback_on_404=route.name is not None, retry_idempotent=True
+            )
         return Plan(order, fallback_on_404=False, retry_idempotent=False)
 
     if route.name is None:
         # /v2/, _catalog, extensions: any backend will do.
-        return Plan(pool.round_robin(), fallback_on_404=False, retry_idempotent=route.is_read)
+        return Plan(
+            pool.round_robin(), fallback_on_404=False, retry_idempotent=route.is_read
+        )
 
     if not route.is_read or route.kind is Kind.UPLOAD:
         return Plan(pool.home_order(route.name), False, False)

@@ -50,6 +50,10 @@ class Server:
 
     def __init__(self, cfg: LBConfig, config_path: str | None = None) -> None:
         self.cfg = cfg
+        # What the listeners and logging were started with: a reload cannot
+        # change it, so later reloads are compared with this, not the last file.
+        self._boot_cfg = cfg
+        self.needs_restart: list[str] = []
         self.config_path = config_path
         self.metrics = Metrics()
         self.stats = Stats(on_upload_change=self._on_uploads_change)
@@ -233,23 +237,24 @@ class Server:
 
     def _apply(self, new: LBConfig, contexts: dict[str, tls.BackendSSL]) -> None:
         old = self.cfg
+        boot = self._boot_cfg
         # Listeners stay open across a reload: their addresses and the log
         # set-up need a restart to change.
         ignored = [
             key
             for key, before, after in (
-                ("listen", old.listen, new.listen),
-                ("workers", old.workers, new.workers),
-                ("limits", old.limits, new.limits),
-                ("timeouts.idle", old.timeouts.idle, new.timeouts.idle),
+                ("listen", boot.listen, new.listen),
+                ("workers", boot.workers, new.workers),
+                ("limits", boot.limits, new.limits),
+                ("timeouts.idle", boot.timeouts.idle, new.timeouts.idle),
                 (
                     "timeouts.request_header",
-                    old.timeouts.request_header,
+                    boot.timeouts.request_header,
                     new.timeouts.request_header,
                 ),
-                ("admin", old.admin, new.admin),
-                ("log.level", old.log.level, new.log.level),
-                ("log.format", old.log.format, new.log.format),
+                ("admin", boot.admin, new.admin),
+                ("log.level", boot.log.level, new.log.level),
+                ("log.format", boot.log.format, new.log.format),
             )
             if before != after
         ]
@@ -270,6 +275,7 @@ class Server:
         if self.proxy is not None:
             self.proxy.apply_config(new)
         self.cfg = new
+        self.needs_restart = ignored
         log.info(
             "config.reloaded",
             path=self.config_path,
@@ -361,11 +367,26 @@ class Server:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self._abort()
+            raise
         try:
             await self.stopping.wait()
         finally:
             await self.stop()
+
+    async def _abort(self) -> None:
+        """Undo a start that failed half-way (a port in use, a bad state_dir)."""
+        for runner in self._runners:
+            await runner.cleanup()
+        for part in (self._health, self.drift, self.replicator):
+            if part is not None:
+                await part.stop()
+        for session in (self._session, self._health_session, self._repl_session):
+            if session is not None:
+                await session.close()
 
 
 async def _flushed(transports: list[asyncio.BaseTransport], deadline: float) -> None:

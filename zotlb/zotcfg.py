@@ -30,6 +30,7 @@ CREDENTIALS_FILE = "sync-credentials.json"
 DEFAULT_HTTP_TIMEOUT = 3600.0
 EXIT_OK = 0
 EXIT_PROBLEMS = 2
+EXIT_CANNOT_WRITE = 1
 
 
 @dataclass(frozen=True)
@@ -447,7 +448,13 @@ def _cmd_zot_config(args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS
     source = args.config or "lb.yaml"
     cfg = load_config(source)
-    written = write_configs(cfg, Path(args.out), source)
+    try:
+        written = write_configs(cfg, Path(args.out), source)
+    except OSError as exc:
+        where = exc.filename or args.out
+        reason = exc.strerror or exc
+        print(f"zotlb zot-config: cannot write {where}: {reason}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
     print(summary(cfg, plan(cfg, source), written))
     return EXIT_OK
 
