@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass
@@ -68,17 +69,12 @@ def _read_chunked(conn: socket.socket, buf: bytearray) -> bytes:
         _read_line(conn, buf)
 
 
-@dataclass
-class Recorder:
-    """A registry stand-in on a free loopback port."""
+class _Listening:
+    """A loopback listener on a free port; each connection goes to `_serve`."""
 
-    name: str = "rec"
-    probe_path: str = "/_probe"
-    seen: list[Seen] = field(default_factory=list)
-    _sock: socket.socket | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sock: socket.socket | None
 
-    def start(self) -> Recorder:
+    def start(self) -> Self:
         self._sock = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=self._accept, daemon=True).start()
         return self
@@ -92,14 +88,9 @@ class Recorder:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def requests(self) -> list[Seen]:
-        """What reached the backend, the health probes left out."""
-        with self._lock:
-            return [s for s in self.seen if s.target != self.probe_path]
-
-    def clear(self) -> None:
-        with self._lock:
-            self.seen.clear()
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
         if self._sock is not None:
@@ -112,7 +103,33 @@ class Recorder:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self._on_connection(conn)
+
+    def _on_connection(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Recorder(_Listening):
+    """A registry stand-in on a free loopback port."""
+
+    name: str = "rec"
+    probe_path: str = "/_probe"
+    seen: list[Seen] = field(default_factory=list)
+    _sock: socket.socket | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def requests(self) -> list[Seen]:
+        """What reached the backend, the health probes left out."""
+        with self._lock:
+            return [s for s in self.seen if s.target != self.probe_path]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.seen.clear()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = bytearray()
@@ -147,39 +164,19 @@ class Recorder:
 
 
 @dataclass
-class Tripwire:
+class Tripwire(_Listening):
     """A listening socket that no request may ever reach."""
 
     contacts: int = 0
     _sock: socket.socket | None = None
 
-    def start(self) -> Tripwire:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    @property
-    def hostport(self) -> str:
-        assert self._sock is not None
-        return f"127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.contacts += 1
-            conn.close()
+    def _on_connection(self, conn: socket.socket) -> None:
+        self.contacts += 1
+        conn.close()
 
 
 @dataclass
-class FaultServer:
+class FaultServer(_Listening):
     """A loopback server whose every connection is handled by `respond`.
 
     `respond(conn, head)` gets the socket and the request head (bytes up to
@@ -189,36 +186,9 @@ class FaultServer:
     respond: object
     _sock: socket.socket | None = None
 
-    def start(self) -> FaultServer:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
     @property
     def name(self) -> str:
         return f"fault{self.port}"
-
-    @property
-    def port(self) -> int:
-        assert self._sock is not None
-        return self._sock.getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = bytearray()
