@@ -160,7 +160,7 @@ class BackendConfig(_Section):
         if not url.host:
             raise ValueError(f"{value!r}: the URL has no host")
         try:
-            url.port
+            _ = url.port  # yarl raises on a port that is not a number
         except ValueError:
             raise ValueError(f"{value!r}: the port is not a number") from None
         if url.path not in ("", "/") or url.query_string or url.fragment:

@@ -612,19 +612,8 @@ class Proxy:
                 TimeoutError,
                 asyncio.IncompleteReadError,
             ) as exc:
-                # Headers are gone already: the only honest signal left is a
-                # broken connection, never a response that looks complete.
                 upstream.close()
-                log.warning(
-                    "request.truncated",
-                    backend=backend.name,
-                    path=request.path,
-                    bytes_out=out.bytes_out,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if request.transport is not None:
-                    request.transport.abort()
-                raise _ClientGone("backend broke off mid-body") from None
+                raise _truncated(request, backend, out, exc) from None
             if not chunk:
                 return
             try:
@@ -678,15 +667,7 @@ class Proxy:
                 src, dst, length - len(buffered), self.cfg.timeouts.read
             )
         except (splice.BackendEnded, TimeoutError) as exc:
-            log.warning(
-                "request.truncated",
-                backend=backend.name,
-                path=request.path,
-                bytes_out=out.bytes_out,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            client.abort()
-            raise _ClientGone("backend broke off mid-body") from None
+            raise _truncated(request, backend, out, exc) from None
         except (splice.ClientEnded, ConnectionError, RuntimeError) as exc:
             raise _ClientGone(str(exc)) from None
         finally:
@@ -764,6 +745,26 @@ class Proxy:
             ).inc()
         elif status >= 400:
             self.metrics.uploads.labels(backend.name, "failed").inc()
+
+
+def _truncated(
+    request: web.Request, backend: Backend, out: _Outcome, exc: BaseException
+) -> _ClientGone:
+    """The backend broke off mid-body: log it and break the client connection.
+
+    The headers are gone already, so the only honest signal left is a broken
+    connection, never a response that looks complete.
+    """
+    log.warning(
+        "request.truncated",
+        backend=backend.name,
+        path=request.path,
+        bytes_out=out.bytes_out,
+        error=f"{type(exc).__name__}: {exc}",
+    )
+    if request.transport is not None:
+        request.transport.abort()
+    return _ClientGone("backend broke off mid-body")
 
 
 def _session_id(location: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Zero-copy relay of a plain-HTTP response body: backend socket -> pipe -> client socket.
+"""Zero-copy relay of a plain-HTTP response body: backend -> pipe -> client.
 
 Used for large bodies of known length when both sides are plain TCP. The
 bytes never enter Python: os.splice moves them through a kernel pipe. The
@@ -107,7 +107,7 @@ async def _ready(
     loop: asyncio.AbstractEventLoop,
     readable: int | None,
     writable: int | None,
-    timeout: float,
+    idle_limit: float,
 ) -> None:
     """Until src is readable or dst writable (whichever is being waited for)."""
     waiter = loop.create_future()
@@ -121,7 +121,7 @@ async def _ready(
     if writable is not None:
         loop.add_writer(writable, wake)
     try:
-        await asyncio.wait_for(waiter, timeout)
+        await asyncio.wait_for(waiter, idle_limit)
     finally:
         if readable is not None:
             loop.remove_reader(readable)
